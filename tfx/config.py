@@ -1,0 +1,302 @@
+"""The typed recipe: TOML -> overrides -> pydantic models, with errors a user can act on.
+
+Tables with a ``kind`` key (attention, position, tokenizer, optimizer, schedule) are tagged unions
+resolved through the registries, so every kind validates exactly its own parameters.
+"""
+from __future__ import annotations
+
+import functools
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from tfx.errors import UsageError
+from tfx.registry import ATTENTION, OPTIMIZER, POSITION, SCHEDULE, TOKENIZER, Registry, closest
+
+DATA_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    """Where the text comes from: a corpus fetched by `tfx data get`, or files / `hf:NAME`."""
+
+    corpus: str | None = None
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    holdout: float = Field(0.0, ge=0.0, lt=1.0)  # last fraction of train used as valid if no valid
+    text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if not self.corpus and not self.train:
+            raise ValueError("set data.corpus (a name from `tfx data list`) or data.train (a file)")
+        return self
+
+
+class ModelConfig(Strict):
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0)  # < n_heads: GQA; 1: MQA
+    d_head: int | None = Field(None, gt=0)
+    d_ff: int | None = Field(None, gt=0)
+    context: int = Field(256, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0)
+    ffn: Literal["gelu", "relu", "swiglu"] = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    attention: Any = None  # replaced by the registry union in recipe_model()
+    position: Any = None
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
+        if self.d_head is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 1337
+    eval_every: int = Field(250, ge=0)  # 0: only at the end
+    eval_tokens: int | None = Field(None, gt=0)  # cap on validation tokens during training
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(250, ge=0)  # 0: only at the end
+    threads: int | None = Field(None, gt=0)
+    optimizer: Any = None
+    schedule: Any = None
+
+
+class GenerateConfig(Strict):
+    max_new_tokens: int = Field(200, gt=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class RecipeBase(Strict):
+    name: str = "run"
+    family: Literal["lm"] = "lm"
+    data: DataConfig
+    tokenizer: Any = None
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+def _tagged(reg: Registry, default: str) -> Any:
+    """A field type dispatching on `kind` through the registry, with `default` when absent."""
+    models = [reg.config_model(n) for n in reg.names()]
+    typ = models[0] if len(models) == 1 else Annotated[Union[tuple(models)], Field(discriminator="kind")]
+    return (typ, Field(default_factory=reg.config_model(default)))
+
+
+def import_kinds() -> None:
+    """Import every module that registers a kind, so the registries are complete."""
+    import tfx.data.tokenizers  # noqa: F401
+    import tfx.nn.attention  # noqa: F401
+    import tfx.nn.positions  # noqa: F401
+    import tfx.train.optim  # noqa: F401
+
+
+@functools.cache
+def recipe_model() -> type[BaseModel]:
+    import_kinds()
+    model_cls = create_model(
+        "ModelConfig", __base__=ModelConfig,
+        attention=_tagged(ATTENTION, "dense"), position=_tagged(POSITION, "learned"),
+    )
+    train_cls = create_model(
+        "TrainConfig", __base__=TrainConfig,
+        optimizer=_tagged(OPTIMIZER, "adamw"), schedule=_tagged(SCHEDULE, "cosine"),
+    )
+    return create_model(
+        "Recipe", __base__=RecipeBase,
+        tokenizer=_tagged(TOKENIZER, "char"),
+        model=(model_cls, Field(default_factory=model_cls)),
+        train=(train_cls, Field(default_factory=train_cls)),
+    )
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def parse_value(text: str) -> Any:
+    """A `--set` value parsed as TOML so types survive; a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=200")
+        node = raw
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise UsageError(f"--set {item!r}: {where} is a value, not a table")
+            node = child
+        node[parts[-1]] = parse_value(value.strip())
+    return raw
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last key of `loc` (for 'allowed keys' hints)."""
+    cls: Any = root
+    for part in loc[:-1]:
+        if isinstance(cls, dict):
+            cls = cls.get(part)
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if fields is None:
+            return None
+        if part in fields:
+            cls = fields[part].annotation
+            args = [a for a in getattr(cls, "__args__", ()) if isinstance(a, type)]
+            if args and not isinstance(cls, type):  # a tagged union: the tag comes next in loc
+                cls = {a.model_fields["kind"].default: a for a in args}
+        else:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _explain(err: dict, root: type[BaseModel], raw: dict) -> str:
+    loc = tuple(err["loc"])
+    # Drop the union tag pydantic inserts in the path (model.attention.dense.window -> ...window).
+    path, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(str(part))
+            node = node[part]
+        elif isinstance(node, dict) and node.get("kind") == part:
+            continue
+        else:
+            path.append(str(part))
+            node = None
+    key = ".".join(path) or "(recipe)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(root, loc)
+        allowed = sorted(owner.model_fields) if owner else []
+        hint = closest(str(loc[-1]), allowed)
+        msg = f"unknown key {key!r}"
+        if allowed:
+            msg += f"; allowed keys here: {', '.join(allowed)}"
+        return msg + (f" (did you mean {hint!r}?)" if hint else "")
+    if kind in ("union_tag_invalid", "literal_error") and (loc[-1] == "kind" or kind == "union_tag_invalid"):
+        value = err["ctx"].get("tag", err.get("input"))
+        slot = {"attention": ATTENTION, "position": POSITION, "tokenizer": TOKENIZER,
+                "optimizer": OPTIMIZER, "schedule": SCHEDULE}.get(path[-2] if loc[-1] == "kind" else path[-1])
+        if slot is not None:
+            return f"{key if key.endswith('kind') else key + '.kind'}: {slot.unknown_message(str(value))}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def validate(raw: dict, source: str = "recipe") -> BaseModel:
+    root = recipe_model()
+    try:
+        return root.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_explain(e, root, raw) for e in exc.errors()]
+        raise UsageError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+
+
+def read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"recipe file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{p}: not valid TOML: {exc}") from None
+
+
+def check_files(recipe: Any, source: str) -> None:
+    """Data files named in the recipe must exist (an `hf:` name is left to the hub)."""
+    for split in ("train", "valid", "test"):
+        value = getattr(recipe.data, split)
+        if value and not value.startswith("hf:") and not Path(value).is_file():
+            raise UsageError(
+                f"{source}: data.{split}: file not found: {value!r} "
+                f"(give a local .txt/.jsonl/.csv/.parquet file, or hf:NAME for a hub dataset)"
+            )
+    tok_path = getattr(recipe.tokenizer, "path", None)
+    if tok_path and not (Path(tok_path) / "tokenizer.json").is_file():
+        raise UsageError(f"{source}: tokenizer.path: no tokenizer at {tok_path!r} (make one with `tfx tokenize train`)")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, files: bool = True) -> Any:
+    """Read, override and validate a recipe; raises UsageError with every problem found."""
+    raw = apply_overrides(read_toml(path), list(overrides or []))
+    recipe = validate(raw, str(path))
+    if files:
+        check_files(recipe, str(path))
+    return recipe
+
+
+def recipe_dict(recipe: BaseModel) -> dict:
+    return recipe.model_dump(mode="json", exclude_none=True)
+
+
+# ----------------------------------------------------------------------------- TOML out
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    """Write a nested dict of scalars and lists as TOML (tables after the scalars they follow)."""
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    out = []
+    if scalars or not prefix:
+        out.append((f"[{prefix}]\n" if prefix else "") + "\n".join(scalars))
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n\n".join(s for s in out if s.strip()) + ("\n" if not prefix else "")
+
+
+def validate_kind(reg: Registry, params: dict, where: str) -> Any:
+    """Validate one `kind` table outside a recipe (e.g. command-line options)."""
+    import_kinds()
+    kind = params.get("kind", "")
+    if kind not in reg:
+        raise UsageError(f"{where}: {reg.unknown_message(kind)}")
+    try:
+        return reg.config_model(kind).model_validate(params)
+    except ValidationError as exc:
+        raise UsageError(f"{where}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                  for e in exc.errors())) from None

@@ -1,0 +1,1 @@
+"""Decoding: logit processors and sampling, autoregressive generation with a KV cache."""

@@ -1,0 +1,88 @@
+"""Autoregressive generation: one prefill, then one cached step per token.
+
+When the cache reaches the model's context, the last half of the text is prefilled again at
+positions from zero (a sliding window), so any length can be generated with any position scheme.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from tfx.decoding.sample import sample
+
+
+@torch.inference_mode()
+def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_ids: set[int] = frozenset(),
+                 banned_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
+                 on_token: Callable[[int], bool] | None = None) -> list[int]:
+    """New token ids after `ids` (which must fit the context). `on_token` returning True stops."""
+    context = model.context
+    device = next(model.parameters()).device
+    state = model.new_state(1, context)
+    history = list(ids)
+    logits, state = model(torch.tensor([history], device=device), state)
+    out: list[int] = []
+    banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        last = logits[:, -1].float()  # (1, V)
+        if banned.numel():
+            last[:, banned] = float("-inf")
+        token = int(sample(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
+        if token in stop_ids:
+            break
+        out.append(token)
+        history.append(token)
+        if on_token is not None and on_token(token):
+            break
+        if state.length >= context:
+            keep = history[-(context // 2 or 1):]
+            state = model.new_state(1, context)
+            logits, state = model(torch.tensor([keep], device=device), state)
+        else:
+            logits, state = model(torch.tensor([[token]], device=device), state)
+    return out
+
+
+def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, stop: list[str] | None = None,
+                  generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None,
+                  warn: Callable[[str], None] = print) -> str:
+    """Continue `prompt`; the text stops at the first `stop` string (excluded) or end of text."""
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    if len(ids) > model.context:
+        warn(f"warning: the prompt has {len(ids)} tokens, more than the context ({model.context}); "
+             f"keeping the last {model.context}")
+        ids = ids[-model.context:]
+    stop = [s for s in (stop or []) if s]
+    new: list[int] = []
+    shown = ""
+
+    def on_token(token: int) -> bool:
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        visible = text if cut < 0 else text[:cut]
+        if on_text is not None:
+            # Hold back a trailing partial character or a possible stop-string prefix.
+            safe = visible.rstrip("\ufffd")
+            if stop and cut < 0:
+                longest = max(len(s) for s in stop) - 1
+                safe = safe[: max(len(shown), len(safe) - longest)]
+            if safe.startswith(shown) and len(safe) > len(shown):
+                on_text(safe[len(shown):])
+                shown = safe
+        return cut >= 0
+
+    generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 stop_ids={tokenizer.eos_id, tokenizer.bos_id}, banned_ids=(tokenizer.pad_id, tokenizer.unk_id),
+                 generator=generator, on_token=on_token)
+    text = tokenizer.decode(new)
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    text = text if cut < 0 else text[:cut]
+    if on_text is not None and text.startswith(shown) and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text
+

@@ -1,0 +1,48 @@
+"""Decoder-only language model (Radford et al., 2018): a causal stack and a (tied) output head."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfx.nn.stack import TransformerStack
+from tfx.nn.state import StackState
+
+IGNORE = -100  # target id that takes no loss
+
+
+class LanguageModel(nn.Module):
+    """Next-token prediction over a causal TransformerStack."""
+
+    def __init__(self, cfg, *, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.stack = TransformerStack(cfg, vocab_size=vocab_size, causal=True)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.stack.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=0.02)
+
+    @property
+    def context(self) -> int:
+        return self.cfg.context
+
+    def new_state(self, batch: int, max_len: int | None = None, **kw) -> StackState:
+        return self.stack.new_state(batch, max_len or self.cfg.context, **kw)
+
+    def forward(self, tokens: Tensor, state: StackState | None = None) -> tuple[Tensor, StackState | None]:
+        """(B, T) token ids -> (B, T, vocab) logits; the state's caches are extended in place."""
+        h, state = self.stack(tokens, state=state)
+        return self.head(h), state
+
+    def loss(self, batch: dict, state: StackState | None = None) -> tuple[Tensor, dict, StackState | None]:
+        """Summed cross-entropy over the batch's target tokens (the loop divides by the token count)."""
+        logits, state = self(batch["input"], state)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, {}, state
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int((batch["target"] != IGNORE).sum())

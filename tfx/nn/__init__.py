@@ -1,0 +1,1 @@
+"""Model building blocks: attention kernels, position schemes, layers, the stack, its state."""

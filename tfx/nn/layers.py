@@ -1,0 +1,106 @@
+"""Norm, FeedForward, Attention (projections, heads, cache) and the pre-norm Block."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfx.nn.attention.base import AttentionKernel, AttnSpec
+from tfx.nn.positions import PositionScheme
+from tfx.nn.state import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation without centring (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, d: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(kind: str, d: int, *, eps: float, bias: bool) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(d, eps=eps)
+    return nn.LayerNorm(d, eps=eps, bias=bias)
+
+
+def default_d_ff(d_model: int, ffn: str) -> int:
+    """4·d; for SwiGLU two thirds of that (same parameter count), rounded up to a multiple of 16."""
+    if ffn == "swiglu":
+        return -(-int(8 * d_model / 3) // 16) * 16
+    return 4 * d_model
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: GELU or ReLU (Vaswani et al., 2017) or SwiGLU (Shazeer, 2020)."""
+
+    def __init__(self, *, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float):
+        super().__init__()
+        self.kind = kind
+        width = 2 * d_ff if kind == "swiglu" else d_ff  # SwiGLU: gate and value in one matmul
+        self.up = nn.Linear(d_model, width, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h)
+        return self.drop(self.down(h))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_heads key/value heads (MHA, GQA, MQA) and a pluggable kernel.
+
+    Projects q, k, v in one matmul, applies the position scheme's rotation, appends k, v to the
+    cache and hands tensors to the kernel.
+    """
+
+    def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, d_head: int, bias: bool,
+                 dropout: float, kernel: AttentionKernel):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * d_head, bias=bias)
+        self.out = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        self.kernel = kernel
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
+                cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
+        q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = pos.rotate(q, k, q_pos, q_pos)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, L + T, D)
+        y = self.kernel(q, k, v, spec)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.drop(self.out(y))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, *, attn: Attention, ffn: FeedForward, norm: str, d_model: int, eps: float, bias: bool):
+        super().__init__()
+        self.norm1 = make_norm(norm, d_model, eps=eps, bias=bias)
+        self.attn = attn
+        self.norm2 = make_norm(norm, d_model, eps=eps, bias=bias)
+        self.ffn = ffn
+
+    def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache)
+        return x + self.ffn(self.norm2(x))

@@ -1,0 +1,62 @@
+"""Decoding state that goes into the stack and comes out of it: nothing hides in modules.
+
+A KV cache is preallocated to its maximum length and written in place by position, so a decode
+step allocates no new cache memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Keys and values of one layer: (B, Hkv, max_len, D) buffers and the filled length."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, d_head: int, *, device, dtype):
+        self.k = torch.empty(batch, n_kv_heads, max_len, d_head, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new (B, Hkv, T, D) keys/values at the end; return every cached key/value."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search): row i becomes old row index[i]."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+    def crop(self, length: int) -> None:
+        """Forget everything past `length` tokens."""
+        self.length = min(self.length, length)
+
+
+@dataclass
+class StackState:
+    """Per-layer caches of one stack and the number of positions already consumed."""
+
+    layers: list[KVCache] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    def reorder(self, index: Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(index)
+
+    def crop(self, length: int) -> None:
+        for layer in self.layers:
+            layer.crop(length)

@@ -1,0 +1,1 @@
+"""Training: the one loop for every family, optimizers and schedules, checkpoints."""

@@ -1,0 +1,130 @@
+"""Checkpoints that a kill at any moment cannot corrupt, and that load without running code.
+
+    RUN/model.safetensors            weights of the last checkpoint (a hard link into state/)
+    RUN/best.safetensors             weights with the best validation loss
+    RUN/state/LATEST                 name of the complete checkpoint directory to resume from
+    RUN/state/ckpt-XXXXXXXX/         model.safetensors, optim.pt (tensors only), trainer.json
+
+A checkpoint directory is written completely and fsynced before LATEST is switched to it with an
+atomic rename; only then are older directories removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from tfx.errors import RunError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _commit(tmp, path)
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """safetensors (no pickle); tied weights are stored once."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_model(model, str(tmp))
+    _commit(tmp, path)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"no weights at {path}")
+    try:
+        load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    except Exception as exc:  # safetensors raises several types for truncated or foreign files
+        raise RunError(f"{path}: cannot load weights (truncated or corrupt checkpoint?): {exc}") from None
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Point dst at src's bytes atomically (hard link, or a copy where links are not possible)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    _commit(tmp, dst)
+
+
+def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, extra: dict) -> Path:
+    """Write a complete checkpoint for `trainer['step']` and make it the one to resume from.
+
+    `extra` holds tensors (RNG states, ...) saved beside the optimizer state.
+    """
+    state_dir = Path(run_dir) / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{trainer['step']:08d}"
+    final = state_dir / name
+    tmp = state_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(model, tmp / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), **extra}, tmp / "optim.pt")
+    _commit_file = tmp / "trainer.json"
+    _commit_file.write_text(json.dumps(trainer), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(state_dir)
+    atomic_write_text(state_dir / "LATEST", name + "\n")
+    _link(final / "model.safetensors", Path(run_dir) / "model.safetensors")
+    for old in state_dir.glob("ckpt-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    state_dir = Path(run_dir) / "state"
+    try:
+        name = (state_dir / "LATEST").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise RunError(f"{run_dir}: no checkpoint to resume from (state/LATEST is missing)") from None
+    path = state_dir / name
+    if not name.startswith("ckpt-") or not path.is_dir():
+        raise RunError(f"{run_dir}: state/LATEST names {name!r}, which is not a checkpoint directory")
+    return path
+
+
+def load_checkpoint(run_dir: str | Path, *, model, optimizer) -> tuple[dict, dict]:
+    """Restore model and optimizer from the latest checkpoint; returns (trainer, extra tensors)."""
+    path = latest_checkpoint(run_dir)
+    load_weights(model, path / "model.safetensors")
+    try:
+        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+        blob = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(blob.pop("optimizer"))
+    except Exception as exc:
+        raise RunError(f"{path}: cannot load the training state (truncated or corrupt checkpoint?): {exc}") from None
+    return trainer, blob

@@ -1,0 +1,202 @@
+"""The one training loop for every family.
+
+A family's model provides `loss(batch) -> (summed loss, logs, state)` and `count_tokens(batch)`;
+the data side provides `batches(position)` (an endless iterator of (batch, next position)) and
+`validate(model) -> metrics`. Everything needed to continue bit for bit is in the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from tfx.data.batching import DataPosition
+from tfx.errors import RunError
+from tfx.registry import OPTIMIZER, SCHEDULE
+from tfx.train import checkpoint as ckpt
+from tfx.train.progress import Progress
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device = 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "fp16" and device.type == "cpu":
+        raise RunError("train.precision = 'fp16' needs a GPU; use 'bf16' on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to save and exit at the end of the current step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint's step (they will be recomputed) and torn last lines."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    ckpt.atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], validate: Callable | None,
+               run_dir: Path, resume: bool, log: Callable[[str], None]) -> dict:
+    """Train `model` for cfg.steps optimizer steps; returns the last logged metrics."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = select_device(cfg.device)
+    autocast = autocast_for(device, cfg.precision)
+    model.to(device)
+    optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
+    lr_at = SCHEDULE.build(cfg.schedule, lr=cfg.optimizer.lr, steps=cfg.steps)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    metrics_path = run_dir / "metrics.jsonl"
+    step, position, best = 0, DataPosition(), math.inf
+    if resume:
+        trainer, extra = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
+        step, position, best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
+        torch.set_rng_state(extra["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in extra:
+            torch.cuda.set_rng_state(extra["rng_cuda"])
+        trim_metrics(metrics_path, step)
+        log(f"resumed from step {step}")
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    if step >= cfg.steps:
+        log(f"nothing to do: the run is at step {step} of {cfg.steps} (raise train.steps with --set)")
+        return {}
+
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    last_saved = step
+
+    def write(record: dict) -> None:
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def save() -> None:
+        nonlocal last_saved
+        if rank != 0:
+            return
+        extra = {"rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            extra["rng_cuda"] = torch.cuda.get_rng_state()
+        trainer = {"step": step, "data": asdict(position), "best": best}
+        ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra)
+        last_saved = step
+
+    def run_validation() -> dict:
+        nonlocal best
+        result = validate(model)
+        write({"step": step, "split": "valid", **result})
+        log(f"step {step} | valid loss {result['loss']:.4f} | ppl {result['perplexity']:.2f}"
+            + (f" | bpb {result['bits_per_byte']:.4f}" if "bits_per_byte" in result else ""))
+        if result["loss"] < best and rank == 0:
+            best = result["loss"]
+            ckpt.save_weights(model, run_dir / "best.safetensors")
+        return result
+
+    it = batches(position)
+    model.train()
+    window_loss = torch.zeros((), device=device)
+    window_tokens, window_start, last = 0, time.perf_counter(), {}
+    with StopFlag() as stop, Progress(total=cfg.steps, start=step, log=log) as progress:
+        while step < cfg.steps:
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = []
+            for _ in range(cfg.grad_accum):
+                batch, position = next(it)
+                micro.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            n_tokens = sum(model.count_tokens(b) for b in micro)
+            for batch in micro:
+                with autocast():
+                    loss_sum, _, _ = model.loss(batch)
+                loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
+                (scaler.scale(loss) if scaler else loss).backward()
+                window_loss += loss_sum.detach()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                window_loss += grad_norm.detach() * 0  # a NaN/inf gradient shows up in the check
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += n_tokens
+            due = lambda every: every and step % every == 0  # noqa: E731
+            saving = due(cfg.save_every) or step == cfg.steps or stop.signal
+            if due(cfg.log_every) or saving:
+                mean = float(window_loss) / window_tokens  # the one host sync, when logging or saving
+                if not math.isfinite(mean):
+                    raise RunError(f"the loss became {mean} by step {step}; stopped without saving. The last good "
+                                   f"checkpoint (step {last_saved}) is kept: lower train.optimizer.lr or raise "
+                                   f"train.clip, then resume")
+                elapsed = time.perf_counter() - window_start
+                last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_tokens * world / elapsed}
+                write(last)
+                progress.update(step, loss=mean, lr=lr, tokens_per_s=last["tokens_per_s"])
+                window_loss.zero_()
+                window_tokens, window_start = 0, time.perf_counter()
+            if validate and (due(cfg.eval_every) or step == cfg.steps):
+                run_validation()
+                window_start = time.perf_counter()  # validation time is not training throughput
+            if saving:
+                save()
+            if stop.signal:
+                name = signal.Signals(stop.signal).name
+                log(f"{name}: saved step {step}; continue with: tfx train --resume {run_dir}")
+                break
+    if metrics_file:
+        metrics_file.close()
+    return last
