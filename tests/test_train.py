@@ -1,0 +1,106 @@
+"""The training loop in process: gradient accumulation, NaN stop, checkpoint safety."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tfx.config import validate
+from tfx.data.batching import DataPosition
+from tfx.errors import RunError
+from tfx.models import build_model
+from tfx.train import checkpoint as ckpt
+from tfx.train.loop import train_loop
+
+V = 17
+
+
+def recipe(**train):
+    return validate({"data": {"train": "x"}, "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context": 12},
+                     "train": {"steps": 3, "device": "cpu", "log_every": 1, "save_every": 0, **train}})
+
+
+def fixed_batches(batch_size: int):
+    """Rows with different numbers of ignored targets, so per-token normalisation matters."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, V, (24, 13), generator=g)
+    target = rows[:, 1:].clone()
+    for r in range(24):
+        target[r, : (r * 5) % 11] = -100  # 0..10 ignored tokens per row
+
+    def batches(pos: DataPosition):
+        i = pos.cursor
+        while True:
+            sl = slice(i % 24, i % 24 + batch_size)
+            i += batch_size
+            yield {"input": rows[sl, :-1], "target": target[sl]}, DataPosition(0, i)
+
+    return batches
+
+
+def train_weights(tmp_path: Path, name: str, *, batch_size: int, grad_accum: int) -> dict:
+    r = recipe(batch_size=batch_size, grad_accum=grad_accum, precision="fp32")
+    torch.manual_seed(0)
+    model = build_model(r, vocab_size=V)
+    run = tmp_path / name
+    run.mkdir()
+    train_loop(cfg=r.train, model=model, batches=fixed_batches(batch_size), validate=None, run_dir=run,
+               resume=False, log=lambda m: None)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    one = train_weights(tmp_path, "one", batch_size=8, grad_accum=1)
+    accum = train_weights(tmp_path, "accum", batch_size=4, grad_accum=2)
+    for key in one:
+        torch.testing.assert_close(accum[key], one[key], rtol=1e-5, atol=1e-6)
+    moved = train_weights(tmp_path, "other", batch_size=4, grad_accum=1)
+    assert any(not torch.allclose(moved[k], one[k]) for k in one)  # the comparison can fail
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    r = recipe(steps=6, save_every=2, log_every=1)
+    torch.manual_seed(0)
+    model = build_model(r, vocab_size=V)
+    real_loss = model.loss
+    calls = {"n": 0}
+
+    def poisoned(batch, state=None):
+        calls["n"] += 1
+        loss, logs, state = real_loss(batch, state)
+        return (loss * float("nan") if calls["n"] >= 4 else loss), logs, state
+
+    model.loss = poisoned
+    with pytest.raises(RunError, match=r"loss became nan by step 4.*checkpoint \(step 2\) is kept"):
+        train_loop(cfg=r.train, model=model, batches=fixed_batches(4), validate=None, run_dir=tmp_path,
+                   resume=False, log=lambda m: None)
+    assert ckpt.latest_checkpoint(tmp_path).name == "ckpt-00000002"
+    fresh = build_model(r, vocab_size=V)
+    ckpt.load_weights(fresh, tmp_path / "model.safetensors")
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_checkpoint_round_trip_needs_no_pickle(tmp_path):
+    r = recipe(steps=2, save_every=1)
+    model = build_model(r, vocab_size=V)
+    train_loop(cfg=r.train, model=model, batches=fixed_batches(4), validate=None, run_dir=tmp_path, resume=False,
+               log=lambda m: None)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    blob = torch.load(latest / "optim.pt", weights_only=True)  # raises if anything needs unpickling of code
+    assert set(blob) == {"optimizer", "rng_cpu"}
+    assert json.loads((latest / "trainer.json").read_text())["step"] == 2
+    assert len(list((tmp_path / "state").glob("ckpt-*"))) == 1  # older checkpoints pruned
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_give_a_clear_error(tmp_path, damage):
+    r = recipe()
+    model = build_model(r, vocab_size=V)
+    path = tmp_path / "model.safetensors"
+    ckpt.save_weights(model, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
+    with pytest.raises(RunError, match="cannot load weights"):
+        ckpt.load_weights(build_model(r, vocab_size=V), path)

@@ -1,0 +1,3 @@
+from tfx.cli import main
+
+main()
