@@ -120,6 +120,7 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
     valid = load_split(recipe, tokenizer, "valid", fetch=True)
     log(f"{run_dir}: {train_ids.numel():,} training tokens, vocabulary {tokenizer.vocab_size}"
         + (f", {valid[0].numel():,} validation tokens" if valid else ", no validation split"))
+    torch.manual_seed(recipe.train.seed)  # the initial weights are a function of the seed
     model = build_model(recipe, vocab_size=tokenizer.vocab_size)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     device = select_device(recipe.train.device)
