@@ -1,6 +1,7 @@
 """The commands as plain functions: train, eval and generate over a run directory."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
@@ -124,7 +125,8 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
     model = build_model(recipe, vocab_size=tokenizer.vocab_size)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     device = select_device(recipe.train.device)
-    blocks = PackedBlocks(train_ids, block=recipe.model.context, seed=recipe.train.seed)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    blocks = PackedBlocks(train_ids, block=recipe.model.context, seed=recipe.train.seed, rank=rank, world=world)
     batches = lambda pos: blocks.batches(recipe.train.batch_size, pos)  # noqa: E731
     validate = None
     if valid is not None:

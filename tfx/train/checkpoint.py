@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from tfx.errors import RunError
@@ -59,8 +60,17 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise RunError(f"no weights at {path}")
     try:
-        load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+        with safe_open(str(path), framework="pt") as f:  # reads and checks the header
+            f.keys()
     except Exception as exc:  # safetensors raises several types for truncated or foreign files
+        raise RunError(f"{path}: cannot load weights (truncated or corrupt checkpoint?): {exc}") from None
+    try:
+        load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()
+        raise RunError(f"{path}: the weights do not fit the model (was a model key changed with --set?): "
+                       f"{detail[-1] if detail else exc}") from None
+    except Exception as exc:
         raise RunError(f"{path}: cannot load weights (truncated or corrupt checkpoint?): {exc}") from None
 
 
