@@ -61,6 +61,11 @@ def test_missing_data_file_and_missing_recipe(tmp_path, write):
         load_recipe(tmp_path / "absent.toml")
 
 
+def test_unknown_corpus(write):
+    with pytest.raises(UsageError, match=r"data.corpus: unknown corpus 'shakespear'.*did you mean 'shakespeare'"):
+        load_recipe(write('[data]\ncorpus = "shakespear"\n'))
+
+
 def test_malformed_toml(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text("[model\nd_model = 3")

@@ -238,6 +238,14 @@ def read_toml(path: str | Path) -> dict:
 
 def check_files(recipe: Any, source: str) -> None:
     """Data files named in the recipe must exist (an `hf:` name is left to the hub)."""
+    if recipe.data.corpus:
+        from tfx.data.corpora import corpus_names
+
+        names = corpus_names()
+        if recipe.data.corpus not in names:
+            hint = closest(recipe.data.corpus, names)
+            raise UsageError(f"{source}: data.corpus: unknown corpus {recipe.data.corpus!r}; allowed: "
+                             f"{', '.join(names)}" + (f" (did you mean {hint!r}?)" if hint else ""))
     for split in ("train", "valid", "test"):
         value = getattr(recipe.data, split)
         if value and not value.startswith("hf:") and not Path(value).is_file():
