@@ -53,8 +53,8 @@ def run_nanogpt(checkout: Path, data: Path, steps: int, eval_iters: int, work: P
             "wall_s": wall}
 
 
-def run_tfx(recipe: str, data: Path, steps: int, extra: list[str], work: Path) -> dict:
-    out = work / "tfx-run"
+def run_tfx(recipe: str, data: Path, steps: int, extra: list[str], work: Path, name: str = "tfx") -> dict:
+    out = work / f"tfx-{name}"
     sets = [f"data.train={data}", "data.holdout=0.1", 'data.corpus=""', f"train.steps={steps}",
             f"train.eval_every={steps}", f"train.save_every={steps}", "train.log_every=10", *extra]
     args = [sys.executable, "-m", "tfx", "train", recipe, "--out", str(out)]
@@ -68,7 +68,7 @@ def run_tfx(recipe: str, data: Path, steps: int, extra: list[str], work: Path) -
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "split" not in r and r["step"] > 10]
     val = [r for r in rows if r.get("split") == "valid"][-1]
-    return {"name": "tfx " + " ".join(extra), "val_loss": val["loss"],
+    return {"name": name, "val_loss": val["loss"],
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_rows), "wall_s": wall}
 
 
@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--eval-iters", type=int, default=200)
     ap.add_argument("--recipe", default="recipes/lm/nanogpt-cpu.toml")
     ap.add_argument("--tfx-set", action="append", default=[], help="extra --set for tfx (repeatable)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=KEY=VALUE,KEY=VALUE: one more tfx run with these --set (repeatable)")
     ap.add_argument("--skip-nanogpt", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -88,13 +90,18 @@ def main() -> None:
         results = [] if args.skip_nanogpt else [run_nanogpt(args.nanogpt, args.data, args.steps, args.eval_iters,
                                                             work)]
         results.append(run_tfx(args.recipe, args.data, args.steps, args.tfx_set, work))
+        for variant in args.variant:
+            name, _, sets = variant.partition("=")
+            more = [s for s in sets.split(",") if s]
+            steps = next((int(s.split("=")[1]) for s in more if s.startswith("train.steps=")), args.steps)
+            results.append(run_tfx(args.recipe, args.data, steps, [*args.tfx_set, *more], work, name=name))
     if args.json:
         print(json.dumps(results))
         return
     base = results[0]["tokens_per_s"]
-    print(f"{'':<40} {'val loss':>9} {'tokens/s':>10} {'wall s':>8} {'speed':>7}")
+    print(f"{'':<24} {'val loss':>9} {'tokens/s':>10} {'wall s':>8} {'speed':>7}")
     for r in results:
-        print(f"{r['name']:<40} {r['val_loss']:>9.4f} {r['tokens_per_s']:>10,.0f} {r['wall_s']:>8.1f} "
+        print(f"{r['name']:<24} {r['val_loss']:>9.4f} {r['tokens_per_s']:>10,.0f} {r['wall_s']:>8.1f} "
               f"{r['tokens_per_s'] / base:>6.2f}x")
 
 
