@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tfx.config import validate
+from tfx.config import import_kinds, validate
 from tfx.models import build_model
 from tfx.registry import POSITION
 
+import_kinds()
 V = 23
 
 

@@ -186,10 +186,16 @@ def eval_(
     data: Optional[Path] = typer.Option(None, help="Evaluate this file instead of a split."),
     stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: the context)."),
     checkpoint: str = typer.Option("best", help="best or last."),
-    batch_size: int = typer.Option(32, help="Windows per forward pass."),
+    batch_size: int = typer.Option(32, help="LM: windows per forward pass."),
+    beam: Optional[int] = typer.Option(None, help="seq2seq: beam size (recipe default)."),
+    hyp_out: Optional[Path] = typer.Option(None, help="seq2seq: write the hypotheses to this file."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Loss, perplexity and bits per byte of a run on a split or a file."""
+    """The family's metrics on a split or a file.
+
+    lm: loss, perplexity, bits per byte. seq2seq: sacreBLEU BLEU and chrF (with signatures), loss.
+    classifier: accuracy, macro-F1, per-class table, confusion matrix. mlm: masked-token loss.
+    """
     from tfx import run
 
     check_checkpoint(checkpoint)
@@ -197,13 +203,37 @@ def eval_(
         raise UsageError(f"--split {split!r}: expected train, valid or test")
     if stride is not None and stride <= 0:
         raise UsageError("--stride must be positive")
+    if beam is not None and beam <= 0:
+        raise UsageError("--beam must be positive")
     result = run.evaluate(str(run_dir), split=split, data=str(data) if data else None, stride=stride,
-                          checkpoint=checkpoint, batch_size=batch_size)
+                          checkpoint=checkpoint, batch_size=batch_size, beam=beam,
+                          hyp_out=str(hyp_out) if hyp_out else None)
     if json_out:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+        print_result(result)
+
+
+def print_result(result: dict) -> None:
+    """Scalars as aligned lines; a classifier's per-class scores and confusion as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            continue
+        print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+    if "per_class" not in result:
+        return
+    console = Console(highlight=False)
+    table = Table("label", "precision", "recall", "F1", "support", title="per class")
+    for name, c in result["per_class"].items():
+        table.add_row(name, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"]))
+    console.print(table)
+    confusion = Table("gold \\ predicted", *result["labels"], title="confusion")
+    for name, row in zip(result["labels"], result["confusion"]):
+        confusion.add_row(name, *map(str, row))
+    console.print(confusion)
 
 
 @app.command()
@@ -212,18 +242,22 @@ def generate(
     prompt: str = typer.Argument("", help="The prompt, or - to read one prompt per stdin line."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (recipe default 200)."),
     temperature: Optional[float] = typer.Option(None, help="0 is greedy."),
-    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens."),
+    top_k: Optional[int] = typer.Option(None, help="lm: sample from the k most likely tokens; "
+                                                   "classifier: print the k most likely labels."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
     stop: Optional[List[str]] = typer.Option(None, help="Stop at this string (repeatable; '\\n' for newline)."),
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
     stream: bool = typer.Option(False, help="Print text as it is generated (single prompt)."),
     echo: bool = typer.Option(False, help="Print the prompt before its continuation."),
+    beam: Optional[int] = typer.Option(None, help="seq2seq: beam size (1 = greedy)."),
+    nbest: Optional[int] = typer.Option(None, help="seq2seq: print the n best (text<TAB>score ...)."),
     checkpoint: str = typer.Option("best", help="best or last."),
 ):
-    """Continue PROMPT, or each stdin line with '-'.
+    """Continue (lm), translate (seq2seq) or label (classifier) PROMPT, or each stdin line with '-'.
 
-    With '-', exactly one output line per input line: newlines inside a continuation are written
-    as the two characters \\n (and a backslash as \\\\), so the lines stay aligned.
+    With '-', exactly one output line per input line: newlines inside an output are written
+    as the two characters \\n (and a backslash as \\\\), so the lines stay aligned. A classifier
+    prints label<TAB>probability (--top-k N for more pairs).
     """
     from tfx import run
 
@@ -236,6 +270,10 @@ def generate(
         raise UsageError("--top-k must be positive")
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise UsageError("--max-new-tokens must be positive")
+    if (beam is not None and beam <= 0) or (nbest is not None and nbest <= 0):
+        raise UsageError("--beam and --nbest must be positive")
+    if nbest and nbest > (beam or 1):
+        raise UsageError(f"--nbest {nbest} needs a beam at least as large (--beam {nbest})")
     from_stdin = prompt == "-"
     if stream and from_stdin:
         raise UsageError("--stream takes a single PROMPT, not '-'")
@@ -250,7 +288,8 @@ def generate(
         emit(prompt)
     outputs = run.generate_lines(str(run_dir), prompts, checkpoint=checkpoint, seed=seed,
                                  on_text=emit if stream else None, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=stops)
+                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=stops, beam=beam,
+                                 nbest=nbest)
     for prompt_text, text in outputs:
         if stream:
             emit("\n")
@@ -259,6 +298,20 @@ def generate(
         if from_stdin:
             text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
         print(text, flush=from_stdin)
+
+
+@app.command()
+def average(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    last: int = typer.Option(5, help="Average the newest K checkpoints."),
+    out: Path = typer.Option(..., help="The new run directory."),
+):
+    """Average the weights of a run's last K checkpoints into a new run (for eval/generate)."""
+    from tfx import run
+
+    if last <= 0:
+        raise UsageError("--last must be positive")
+    print(run.average(str(run_dir), last=last, out=str(out)))
 
 
 def main() -> None:

@@ -31,6 +31,10 @@ class DataConfig(Strict):
     test: str | None = None
     holdout: float = Field(0.0, ge=0.0, lt=1.0)  # last fraction of train used as valid if no valid
     text_field: str = "text"
+    label_field: str = "label"         # classifier
+    src_lang: str = "src"              # seq2seq: PREFIX.src_lang / PREFIX.tgt_lang, or JSONL translation keys
+    tgt_lang: str = "tgt"
+    max_len: int | None = Field(None, gt=0)  # seq2seq/classifier: drop training examples longer (in tokens)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -53,6 +57,9 @@ class ModelConfig(Strict):
     ffn: Literal["gelu", "relu", "swiglu"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
+    encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
+    decoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
+    pool: Literal["cls", "mean"] = "cls"            # classifier: the [CLS] (first) token or the mean
     attention: Any = None  # replaced by the registry union in recipe_model()
     position: Any = None
 
@@ -69,6 +76,10 @@ class ModelConfig(Strict):
 class TrainConfig(Strict):
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(16, gt=0)
+    max_tokens: int | None = Field(None, gt=0)  # seq2seq/classifier: batches by token budget instead
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: fraction of tokens to predict (80/10/10)
+    eval_bleu: bool = False  # seq2seq: greedy BLEU on the validation split at each evaluation
     grad_accum: int = Field(1, gt=0)
     clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -78,6 +89,7 @@ class TrainConfig(Strict):
     eval_tokens: int | None = Field(None, gt=0)  # cap on validation tokens during training
     log_every: int = Field(10, gt=0)
     save_every: int = Field(250, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     optimizer: Any = None
     schedule: Any = None
@@ -85,6 +97,10 @@ class TrainConfig(Strict):
 
 class GenerateConfig(Strict):
     max_new_tokens: int = Field(200, gt=0)
+    beam: int = Field(1, gt=0)              # seq2seq
+    len_penalty: float = 1.0                # seq2seq: score / length**len_penalty (fairseq)
+    max_len_a: float = Field(1.2, ge=0.0)   # seq2seq: max target length = a * source length + b
+    max_len_b: int = Field(10, ge=0)
     temperature: float = Field(1.0, ge=0.0)
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -92,7 +108,8 @@ class GenerateConfig(Strict):
 
 class RecipeBase(Strict):
     name: str = "run"
-    family: Literal["lm"] = "lm"
+    family: Literal["lm", "seq2seq", "classifier", "mlm"] = "lm"
+    init_from: str | None = None  # a run whose encoder (and tokenizer) a classifier starts from
     data: DataConfig
     tokenizer: Any = None
     model: ModelConfig = ModelConfig()
@@ -246,13 +263,21 @@ def check_files(recipe: Any, source: str) -> None:
             hint = closest(recipe.data.corpus, names)
             raise UsageError(f"{source}: data.corpus: unknown corpus {recipe.data.corpus!r}; allowed: "
                              f"{', '.join(names)}" + (f" (did you mean {hint!r}?)" if hint else ""))
+    d = recipe.data
     for split in ("train", "valid", "test"):
-        value = getattr(recipe.data, split)
-        if value and not value.startswith("hf:") and not Path(value).is_file():
-            raise UsageError(
-                f"{source}: data.{split}: file not found: {value!r} "
-                f"(give a local .txt/.jsonl/.csv/.parquet file, or hf:NAME for a hub dataset)"
-            )
+        value = getattr(d, split)
+        if not value or value.startswith("hf:") or Path(value).is_file():
+            continue
+        pair = [Path(f"{value}.{d.src_lang}"), Path(f"{value}.{d.tgt_lang}")]
+        if recipe.family == "seq2seq" and all(p.is_file() for p in pair):
+            continue
+        also = f" nor {pair[0]} + {pair[1]}" if recipe.family == "seq2seq" else ""
+        raise UsageError(
+            f"{source}: data.{split}: file not found: {value!r}{also} "
+            f"(give a local .txt/.tsv/.jsonl/.csv/.parquet file, or hf:NAME for a hub dataset)"
+        )
+    if recipe.init_from and not (Path(recipe.init_from) / "recipe.toml").is_file():
+        raise UsageError(f"{source}: init_from: {recipe.init_from!r} is not a tfx run directory")
     tok_path = getattr(recipe.tokenizer, "path", None)
     if tok_path and not (Path(tok_path) / "tokenizer.json").is_file():
         raise UsageError(f"{source}: tokenizer.path: no tokenizer at {tok_path!r} (make one with `tfx tokenize train`)")

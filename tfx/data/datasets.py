@@ -24,37 +24,39 @@ def _quiet_datasets():
     return datasets
 
 
-def read_documents(source: str, *, split: str = "train", text_field: str = "text") -> list[str]:
-    """The documents of one split: a local file, or `hf:NAME[:CONFIG]` from the hub."""
+def _load(source: str, split: str):
+    """A `datasets.Dataset` of one split: a local file (text = one row per file) or an hf: name."""
     datasets = _quiet_datasets()
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
         last = None
         for hf_split in HF_SPLITS.get(split, (split,)):
             try:
-                ds = datasets.load_dataset(name, config or None, split=hf_split)
-                break
+                return datasets.load_dataset(name, config or None, split=hf_split)
             except ValueError as exc:  # unknown split name: try the next spelling
                 last = exc
-        else:
-            raise UsageError(f"{source}: no {split!r} split ({last})")
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise UsageError(f"data file not found: {source}")
-        fmt = FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise UsageError(f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
-        kw: dict = {"sample_by": "document"} if fmt == "text" else {}
-        if path.suffix.lower() == ".tsv":
-            import csv
+        raise UsageError(f"{source}: no {split!r} split ({last})")
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"data file not found: {source}")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    kw: dict = {"sample_by": "document"} if fmt == "text" else {}
+    if path.suffix.lower() == ".tsv":
+        import csv
 
-            kw.update(delimiter="\t", quoting=csv.QUOTE_NONE)
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        try:
-            ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kw)
-        except Exception as exc:  # datasets raises many types for unreadable files
-            raise RunError(f"{source}: cannot read as {fmt}: {exc}") from None
+        kw.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        return datasets.load_dataset(fmt, data_files=str(path), split="train", **kw)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise RunError(f"{source}: cannot read as {fmt}: {exc}") from None
+
+
+def read_documents(source: str, *, split: str = "train", text_field: str = "text") -> list[str]:
+    """The documents of one split: a local file, or `hf:NAME[:CONFIG]` from the hub."""
+    ds = _load(source, split)
     if text_field not in ds.column_names:
         raise UsageError(f"{source}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
                          f"set data.text_field")
@@ -71,3 +73,53 @@ def encode_documents(tokenizer, docs: list[str]) -> torch.Tensor:
 
 def count_bytes(docs: list[str]) -> int:
     return sum(len(d.encode("utf-8")) for d in docs)
+
+
+def _clean(line: str) -> str:
+    return line.rstrip("\n").rstrip("\r")
+
+
+def read_pairs(source: str, *, split: str = "train", src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
+    """Aligned (sources, targets) from PREFIX.src_lang + PREFIX.tgt_lang, a `src<TAB>tgt` .tsv file,
+    a JSONL file of {"translation": {src_lang: ..., tgt_lang: ...}}, or `hf:NAME[:CONFIG]`."""
+    path = Path(source)
+    if not source.startswith("hf:") and not path.is_file():
+        files = [Path(f"{source}.{src_lang}"), Path(f"{source}.{tgt_lang}")]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise UsageError(f"{source}: no such file, nor {' / '.join(missing)}")
+        src, tgt = ([_clean(x) for x in f.read_text(encoding="utf-8", errors="replace").split("\n")] for f in files)
+        src, tgt = (x[:-1] if x and x[-1] == "" else x for x in (src, tgt))
+        if len(src) != len(tgt):
+            raise UsageError(f"misaligned files: {files[0]} has {len(src)} lines, {files[1]} has {len(tgt)}")
+        return src, tgt
+    if path.suffix.lower() == ".tsv":
+        src, tgt = [], []
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            a, sep, b = line.partition("\t")
+            if not sep:
+                raise UsageError(f"{source}:{n}: expected source<TAB>target")
+            src.append(a)
+            tgt.append(b)
+        return src, tgt
+    rows = _load(source, split)
+    if "translation" not in rows.column_names:
+        raise UsageError(f"{source}: expected a 'translation' column of {{{src_lang!r}: ..., {tgt_lang!r}: ...}}")
+    pairs = rows["translation"]
+    try:
+        return [p[src_lang] for p in pairs], [p[tgt_lang] for p in pairs]
+    except (KeyError, TypeError):
+        raise UsageError(f"{source}: translations lack the keys {src_lang!r} and {tgt_lang!r} "
+                         f"(set data.src_lang / data.tgt_lang)") from None
+
+
+def read_labelled(source: str, *, split: str = "train", text_field: str = "text",
+                  label_field: str = "label") -> tuple[list[str], list[str]]:
+    """(texts, labels as strings) from a .tsv/.csv/.jsonl/.parquet file or `hf:NAME[:CONFIG]`."""
+    rows = _load(source, split)
+    for field in (text_field, label_field):
+        if field not in rows.column_names:
+            raise UsageError(f"{source}: no column {field!r} (columns: {', '.join(rows.column_names)}); "
+                             f"set data.text_field / data.label_field")
+    texts = ["" if t is None else str(t) for t in rows[text_field]]
+    return texts, [str(x) for x in rows[label_field]]

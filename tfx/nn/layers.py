@@ -90,17 +90,52 @@ class Attention(nn.Module):
         return self.drop(self.out(y))
 
 
-class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention (Vaswani et al., 2017): queries from the decoder, keys and
+    values from the encoder output, computed once per source and reused at every decoding step."""
 
-    def __init__(self, *, attn: Attention, ffn: FeedForward, norm: str, d_model: int, eps: float, bias: bool):
+    def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, d_head: int, bias: bool,
+                 dropout: float, kernel: AttentionKernel):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.q = nn.Linear(d_model, n_heads * d_head, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * n_kv_heads * d_head, bias=bias)
+        self.out = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        self.kernel = kernel
+        self.drop = nn.Dropout(dropout)
+
+    def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        k = k.view(B, S, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, S, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, Hkv, S, D)
+        return k, v
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], spec: AttnSpec) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, D)
+        y = self.kernel(q, kv[0], kv[1], spec)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)  # (B, T, H*D)
+        return self.drop(self.out(y))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross(norm(x), memory)], x + ffn(norm(x))."""
+
+    def __init__(self, *, attn: Attention, ffn: FeedForward, norm: str, d_model: int, eps: float, bias: bool,
+                 cross: CrossAttention | None = None):
         super().__init__()
         self.norm1 = make_norm(norm, d_model, eps=eps, bias=bias)
         self.attn = attn
+        self.cross = cross
+        self.norm_cross = make_norm(norm, d_model, eps=eps, bias=bias) if cross is not None else None
         self.norm2 = make_norm(norm, d_model, eps=eps, bias=bias)
         self.ffn = ffn
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, cross_kv: tuple[Tensor, Tensor] | None = None,
+                cross_spec: AttnSpec | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), cross_kv, cross_spec)
         return x + self.ffn(self.norm2(x))

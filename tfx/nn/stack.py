@@ -11,36 +11,46 @@ import torch
 from torch import Tensor, nn
 
 from tfx.nn.attention.base import AttnSpec
-from tfx.nn.layers import Attention, Block, FeedForward, default_d_ff, make_norm
+from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
 from tfx.nn.state import KVCache, StackState
 from tfx.registry import ATTENTION, POSITION
 
 
 class TransformerStack(nn.Module):
-    """Embeddings -> position scheme -> N pre-norm blocks -> final norm."""
+    """Embeddings -> position scheme -> N pre-norm blocks -> final norm.
 
-    def __init__(self, cfg, *, vocab_size: int, causal: bool):
+    `cross=True` adds cross-attention to an encoder's output in every block (a seq2seq decoder);
+    `embed` shares an existing embedding table (tied source/target vocabularies).
+    """
+
+    def __init__(self, cfg, *, vocab_size: int, causal: bool, n_layers: int | None = None, cross: bool = False,
+                 embed: nn.Embedding | None = None):
         super().__init__()
-        self.cfg, self.causal = cfg, causal
+        self.cfg, self.causal, self.has_cross = cfg, causal, cross
+        n_layers = n_layers or cfg.n_layers
         d_head = cfg.d_head or cfg.d_model // cfg.n_heads
         n_kv = cfg.n_kv_heads or cfg.n_heads
-        self.n_kv_heads, self.d_head = n_kv, d_head
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.n_kv_heads, self.d_head, self.n_layers = n_kv, d_head, n_layers
+        self.embed = embed if embed is not None else nn.Embedding(vocab_size, cfg.d_model)
         self.pos = POSITION.build(cfg.position, d_model=cfg.d_model, d_head=d_head, n_heads=cfg.n_heads,
                                   max_len=cfg.context, causal=causal)
         self.drop = nn.Dropout(cfg.dropout)
         d_ff = cfg.d_ff or default_d_ff(cfg.d_model, cfg.ffn)
+        heads = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=d_head, bias=cfg.bias,
+                     dropout=cfg.dropout)
+
+        def kernel(cfg_kernel):
+            return ATTENTION.build(cfg_kernel, n_heads=cfg.n_heads, d_head=d_head, dropout=cfg.dropout)
+
+        dense = ATTENTION.config_model("dense")()  # cross-attention: every source token, any kind of self-attn
         self.blocks = nn.ModuleList(
             Block(
-                attn=Attention(
-                    d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=d_head, bias=cfg.bias,
-                    dropout=cfg.dropout,
-                    kernel=ATTENTION.build(cfg.attention, n_heads=cfg.n_heads, d_head=d_head, dropout=cfg.dropout),
-                ),
+                attn=Attention(**heads, kernel=kernel(cfg.attention)),
                 ffn=FeedForward(d_model=cfg.d_model, d_ff=d_ff, kind=cfg.ffn, bias=cfg.bias, dropout=cfg.dropout),
                 norm=cfg.norm, d_model=cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias,
+                cross=CrossAttention(**heads, kernel=kernel(dense)) if cross else None,
             )
-            for _ in range(cfg.n_layers)
+            for _ in range(n_layers)
         )
         self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.reset_parameters()
@@ -53,8 +63,9 @@ class TransformerStack(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         for block in self.blocks:
-            for proj in (block.attn.out, block.ffn.down):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            projections = [block.attn.out, block.ffn.down] + ([block.cross.out] if block.cross is not None else [])
+            for proj in projections:
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(len(projections) * self.n_layers))
 
     def new_state(self, batch: int, max_len: int, *, device=None, dtype=None) -> StackState:
         """Empty preallocated KV caches for `batch` rows and up to `max_len` positions."""
@@ -64,8 +75,10 @@ class TransformerStack(nn.Module):
             for _ in self.blocks
         ])
 
-    def forward(self, tokens: Tensor, *, state: StackState | None = None,
-                key_padding_mask: Tensor | None = None) -> tuple[Tensor, StackState | None]:
+    def forward(self, tokens: Tensor, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
+                memory: Tensor | None = None, memory_mask: Tensor | None = None) -> tuple[Tensor, StackState | None]:
+        """(B, T) tokens -> (B, T, d_model). A cross stack attends to `memory` (B, S, d_model),
+        or to the keys/values the state kept from the first call."""
         B, T = tokens.shape
         offset = state.length if state is not None else 0
         q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
@@ -75,6 +88,17 @@ class TransformerStack(nn.Module):
                         bias=self.pos.bias(None, q_pos, k_pos))
         x = self.drop(self.pos.embed(self.embed(tokens), q_pos))  # (B, T, d_model)
         caches = state.layers if state is not None else [None] * len(self.blocks)
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache)
+        cross_kvs, cross_spec = [None] * len(self.blocks), None
+        if self.has_cross:
+            if state is not None and state.cross is not None:
+                cross_kvs, memory_mask = state.cross, state.memory_mask
+            else:
+                cross_kvs = [block.cross.project_memory(memory) for block in self.blocks]
+                if state is not None:
+                    state.cross, state.memory_mask = cross_kvs, memory_mask
+            S = cross_kvs[0][0].shape[2]
+            cross_spec = AttnSpec(q_pos=q_pos, k_pos=torch.arange(S, device=tokens.device), causal=False,
+                                  key_padding_mask=memory_mask)
+        for block, cache, kv in zip(self.blocks, caches, cross_kvs):
+            x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv, cross_spec=cross_spec)
         return self.norm(x), state

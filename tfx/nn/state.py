@@ -45,9 +45,15 @@ class KVCache:
 
 @dataclass
 class StackState:
-    """Per-layer caches of one stack and the number of positions already consumed."""
+    """Per-layer caches of one stack and the number of positions already consumed.
+
+    A decoder with cross-attention also keeps each layer's projected encoder keys/values
+    (`cross`) and the source padding mask, computed once per source.
+    """
 
     layers: list[KVCache] = field(default_factory=list)
+    cross: list[tuple[Tensor, Tensor]] | None = None
+    memory_mask: Tensor | None = None  # (B, S) True = a real source token
 
     @property
     def length(self) -> int:
@@ -56,6 +62,10 @@ class StackState:
     def reorder(self, index: Tensor) -> None:
         for layer in self.layers:
             layer.reorder(index)
+        if self.cross is not None:
+            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, index)
 
     def crop(self, length: int) -> None:
         for layer in self.layers:

@@ -85,7 +85,7 @@ def _link(src: Path, dst: Path) -> None:
     _commit(tmp, dst)
 
 
-def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, extra: dict) -> Path:
+def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, extra: dict, keep: int = 1) -> Path:
     """Write a complete checkpoint for `trainer['step']` and make it the one to resume from.
 
     `extra` holds tensors (RNG states, ...) saved beside the optimizer state.
@@ -109,10 +109,15 @@ def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, ext
     _fsync_dir(state_dir)
     atomic_write_text(state_dir / "LATEST", name + "\n")
     _link(final / "model.safetensors", Path(run_dir) / "model.safetensors")
-    for old in state_dir.glob("ckpt-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    older = sorted(p for p in state_dir.glob("ckpt-*") if p.name != name)
+    for old in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoint directories of a run, oldest first."""
+    return sorted(p for p in (Path(run_dir) / "state").glob("ckpt-*") if (p / "model.safetensors").is_file())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:

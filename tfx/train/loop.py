@@ -127,7 +127,8 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
         trainer = {"step": step, "data": asdict(position), "best": best}
-        ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra)
+        ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra,
+                             keep=cfg.keep_checkpoints)
         last_saved = step
 
     def run_validation() -> dict:

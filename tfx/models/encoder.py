@@ -1,0 +1,88 @@
+"""Encoder-only models (Devlin et al., 2019): a masked-LM for pretraining and a classifier.
+
+Both name their stack `encoder`, so a classifier can start from a pretrained masked-LM run. The
+vocabulary has one id past the tokenizer's: [MASK] = vocab_size - 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfx.models.lm import IGNORE
+from tfx.nn.stack import TransformerStack
+
+
+class MaskedLM(nn.Module):
+    """BERT's masked-LM objective: predict the masked positions of a non-causal encoder's input."""
+
+    def __init__(self, cfg, *, vocab_size: int, mask_prob: float = 0.15):
+        super().__init__()
+        self.cfg, self.vocab_size, self.mask_prob = cfg, vocab_size, mask_prob
+        self.mask_id = vocab_size - 1
+        self.encoder = TransformerStack(cfg, vocab_size=vocab_size, causal=False)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.encoder.embed.weight
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        h, _ = self.encoder(tokens, key_padding_mask=mask)
+        return self.head(h)  # (B, T, vocab)
+
+    def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
+        logits = self(batch["input"], batch.get("mask"))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, {}, None
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int((batch["target"] != IGNORE).sum())
+
+
+def mask_tokens(tokens: Tensor, *, prob: float, mask_id: int, vocab: int, special: tuple[int, ...],
+                generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """BERT masking: pick `prob` of the non-special positions; of those 80% become [MASK], 10% a
+    random token, 10% stay. Returns (input, target) with IGNORE where nothing is predicted."""
+    shape = tokens.shape
+    eligible = torch.ones(shape, dtype=torch.bool)
+    for s in special:
+        eligible &= tokens != s
+    chosen = (torch.rand(shape, generator=generator) < prob) & eligible
+    roll = torch.rand(shape, generator=generator)
+    inputs = tokens.clone()
+    inputs[chosen & (roll < 0.8)] = mask_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[swap] = torch.randint(len(special), vocab - 1, shape, generator=generator)[swap]
+    target = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE))
+    return inputs, target
+
+
+class Classifier(nn.Module):
+    """Text classification: a non-causal encoder, [CLS] (first token) or mean pooling, a linear head."""
+
+    def __init__(self, cfg, *, vocab_size: int, n_labels: int):
+        super().__init__()
+        self.cfg, self.vocab_size, self.n_labels = cfg, vocab_size, n_labels
+        self.encoder = TransformerStack(cfg, vocab_size=vocab_size, causal=False)
+        self.head = nn.Linear(cfg.d_model, n_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """(B, T) ids, (B, T) True-for-real-token -> (B, n_labels) logits."""
+        h, _ = self.encoder(tokens, key_padding_mask=mask)  # (B, T, d_model)
+        if self.cfg.pool == "cls":
+            pooled = h[:, 0]
+        else:
+            weights = mask.to(h.dtype)[..., None]  # (B, T, 1)
+            pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+    def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
+        logits = self(batch["input"], batch["mask"])
+        return F.cross_entropy(logits.float(), batch["label"], reduction="sum"), {}, None
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int(batch["label"].numel())

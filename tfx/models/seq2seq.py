@@ -1,0 +1,64 @@
+"""Encoder-decoder Transformer (Vaswani et al., 2017) from the same stack as the LM.
+
+A non-causal encoder reads the padded source; a causal decoder with cross-attention predicts the
+target. With a joint vocabulary the source, target and output embeddings are one matrix.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfx.models.lm import IGNORE
+from tfx.nn.stack import TransformerStack
+from tfx.nn.state import StackState
+
+
+class Seq2Seq(nn.Module):
+    """`loss(batch)` for training; `encode` + `forward(tokens, state)` for decoding."""
+
+    def __init__(self, cfg, *, vocab_size: int, label_smoothing: float = 0.0):
+        super().__init__()
+        self.cfg, self.vocab_size, self.label_smoothing = cfg, vocab_size, label_smoothing
+        self.encoder = TransformerStack(cfg, vocab_size=vocab_size, causal=False, n_layers=cfg.encoder_layers)
+        shared = self.encoder.embed if cfg.tie_embeddings else None
+        self.decoder = TransformerStack(cfg, vocab_size=vocab_size, causal=True, n_layers=cfg.decoder_layers,
+                                        cross=True, embed=shared)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.decoder.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=0.02)
+
+    @property
+    def context(self) -> int:
+        return self.cfg.context
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        """(B, S) source ids and (B, S) True-for-real-token mask -> (B, S, d_model)."""
+        memory, _ = self.encoder(src, key_padding_mask=src_mask)
+        return memory
+
+    def new_state(self, memory: Tensor, memory_mask: Tensor, max_len: int | None = None) -> StackState:
+        """Decoder caches for one decoding pass over these encoder outputs."""
+        state = self.decoder.new_state(memory.shape[0], max_len or self.cfg.context, dtype=memory.dtype)
+        state.cross = [blk.cross.project_memory(memory) for blk in self.decoder.blocks]
+        state.memory_mask = memory_mask
+        return state
+
+    def forward(self, tokens: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+        """Decoder step(s): (B, T) target ids -> (B, T, vocab) logits, extending the state's cache."""
+        h, state = self.decoder(tokens, state=state)
+        return self.head(h), state
+
+    def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
+        """Summed (label-smoothed) cross-entropy over the real target tokens."""
+        memory = self.encode(batch["src"], batch["src_mask"])
+        h, _ = self.decoder(batch["tgt_in"], memory=memory, memory_mask=batch["src_mask"])
+        logits = self.head(h)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=IGNORE,
+                               reduction="sum", label_smoothing=self.label_smoothing if self.training else 0.0)
+        return loss, {}, None
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int((batch["tgt_out"] != IGNORE).sum())

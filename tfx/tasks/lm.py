@@ -1,0 +1,86 @@
+"""The decoder-only LM task: packed token blocks, perplexity and bits per byte, continuations."""
+from __future__ import annotations
+
+import torch
+
+from tfx.data.batching import PackedBlocks
+from tfx.errors import UsageError
+from tfx.metrics import lm_metrics
+from tfx.tasks.common import Task, log, split_source
+
+
+class LMTask(Task):
+    def _read(self, tokenizer, source: str, split: str) -> tuple[torch.Tensor, int]:
+        from tfx.data.datasets import count_bytes, encode_documents, read_documents
+
+        docs = read_documents(source, split=split, text_field=self.recipe.data.text_field)
+        return encode_documents(tokenizer, docs), count_bytes(docs)
+
+    def tokenizer_texts(self) -> list[str]:
+        from tfx.data.datasets import read_documents
+
+        source = split_source(self.recipe, "train", fetch=True)
+        return read_documents(source, text_field=self.recipe.data.text_field)
+
+    def load_split(self, tokenizer, split: str, *, fetch: bool = False) -> tuple[torch.Tensor, int] | None:
+        """(token stream, UTF-8 bytes of its text) of a split; None where the recipe has none.
+
+        Without a valid split, `data.holdout` gives the last fraction of the training stream to valid.
+        """
+        recipe = self.recipe
+        holdout = recipe.data.holdout if split != "test" and split_source(recipe, "valid", fetch=fetch) is None \
+            else 0.0
+        source = split_source(recipe, "train" if holdout else split, fetch=fetch)
+        if source is None:
+            return None
+        ids, n_bytes = self._read(tokenizer, source, "train" if holdout else split)
+        if not holdout:
+            return ids, n_bytes
+        cut = int(ids.numel() * (1 - holdout))
+        part = ids[:cut] if split == "train" else ids[cut:]
+        return part, len(tokenizer.decode(part.tolist()).encode("utf-8"))
+
+    def prepare(self, tokenizer, *, rank: int, world: int, **_):
+        """(batches(position) for training, validate(model) or None)."""
+        recipe = self.recipe
+        train_ids, _ = self.load_split(tokenizer, "train", fetch=True)
+        valid = self.load_split(tokenizer, "valid", fetch=True)
+        log(f"{train_ids.numel():,} training tokens, vocabulary {tokenizer.vocab_size}"
+            + (f", {valid[0].numel():,} validation tokens" if valid else ", no validation split"))
+        blocks = PackedBlocks(train_ids, block=recipe.model.context, seed=recipe.train.seed, rank=rank, world=world)
+        batches = lambda pos: blocks.batches(recipe.train.batch_size, pos)  # noqa: E731
+        if valid is None:
+            return batches, None
+        return batches, lambda model, device, autocast: self.score(model, *valid, device=device, autocast=autocast,
+                                                                   max_tokens=recipe.train.eval_tokens)
+
+    def score(self, model, ids: torch.Tensor, n_bytes: int, *, device, autocast=None, stride: int | None = None,
+              max_tokens: int | None = None, batch_size: int = 32) -> dict:
+        from tfx.evaluate import score_stream
+
+        if max_tokens is not None and max_tokens < ids.numel() - 1:
+            n_bytes = round(n_bytes * max_tokens / (ids.numel() - 1))
+        nll, count = score_stream(model, ids, context=self.recipe.model.context, stride=stride,
+                                  batch_size=batch_size, device=device, max_tokens=max_tokens, autocast=autocast)
+        return lm_metrics(nll, count, n_bytes)
+
+    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, stride: int | None = None,
+                 batch_size: int = 32, **_) -> dict:
+        if data:
+            ids, n_bytes = self._read(tokenizer, data, "train")
+        else:
+            loaded = self.load_split(tokenizer, split)
+            if loaded is None:
+                raise UsageError(f"the recipe has no {split!r} split; give --data FILE")
+            ids, n_bytes = loaded
+        if ids.numel() < 2:
+            raise UsageError("nothing to evaluate: the text is empty")
+        return self.score(model, ids, n_bytes, device=device, stride=stride, batch_size=batch_size)
+
+    def generate(self, model, tokenizer, prompts, *, settings: dict, generator=None, on_text=None, **_):
+        from tfx.decoding.generate import generate_text
+
+        options = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop") if k in settings}
+        for prompt in prompts:
+            yield prompt, generate_text(model, tokenizer, prompt, generator=generator, on_text=on_text, warn=log,
+                                        **options)

@@ -1,0 +1,170 @@
+"""The translation task: sentence pairs in token-budget batches, BLEU/chrF with sacreBLEU, beams."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from tfx.data.batching import LengthBatches, pad
+from tfx.errors import UsageError
+from tfx.models.lm import IGNORE
+from tfx.tasks.common import Task, log, split_source
+
+TRANSLATE_BATCH = 32  # sentences per decoding batch
+
+
+class Seq2SeqTask(Task):
+    def pairs(self, split: str, *, fetch: bool = False) -> tuple[list[str], list[str]] | None:
+        from tfx.data.datasets import read_pairs
+
+        source = split_source(self.recipe, split, fetch=fetch)
+        if source is None:
+            return None
+        d = self.recipe.data
+        return read_pairs(source, split=split, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+
+    def tokenizer_texts(self) -> list[str]:
+        src, tgt = self.pairs("train", fetch=True)
+        return src + tgt  # one joint vocabulary
+
+    def encode(self, tokenizer, src: list[str], tgt: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
+        """Source ids end with EOS; target ids are the bare tokens (BOS/EOS added in collate)."""
+        enc = tokenizer.encode
+        return [(enc(s) + [tokenizer.eos_id], enc(t) if tgt is not None else [])
+                for s, t in zip(src, tgt if tgt is not None else src)]
+
+    def collate(self, tokenizer, examples: list[tuple[list[int], list[int]]]) -> dict:
+        bos, eos, padding = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        src = pad([s for s, _ in examples], padding)
+        return {"src": src, "src_mask": src != padding,
+                "tgt_in": pad([[bos] + t for _, t in examples], padding),
+                "tgt_out": pad([t + [eos] for _, t in examples], IGNORE)}
+
+    def prepare(self, tokenizer, *, rank: int, world: int, **_):
+        recipe = self.recipe
+        src, tgt = self.pairs("train", fetch=True)
+        limit = min(recipe.model.context, recipe.data.max_len or recipe.model.context)
+        examples = [e for e in self.encode(tokenizer, src, tgt) if len(e[0]) <= limit and len(e[1]) + 1 <= limit]
+        if len(examples) < len(src):
+            log(f"dropped {len(src) - len(examples):,} training pairs longer than {limit} tokens")
+        sizes = [max(len(s), len(t) + 1) for s, t in examples]
+        order = LengthBatches(sizes, seed=recipe.train.seed, max_tokens=recipe.train.max_tokens,
+                              batch_size=recipe.train.batch_size, rank=rank, world=world)
+
+        def batches(position) -> Iterator:
+            for idx, pos in order.batches(position):
+                yield self.collate(tokenizer, [examples[i] for i in idx.tolist()]), pos
+
+        valid = self.pairs("valid", fetch=True)
+        log(f"{len(examples):,} training pairs, {sum(sizes):,} target-side tokens, vocabulary {tokenizer.vocab_size}"
+            + (f", {len(valid[0]):,} validation pairs" if valid else ", no validation split"))
+        if valid is None:
+            return batches, None
+
+        def validate(model, device, autocast) -> dict:
+            result = self.score(model, tokenizer, *valid, device=device, autocast=autocast)
+            if recipe.train.eval_bleu:
+                hyps = list(self.translate(model, tokenizer, valid[0], settings={"beam": 1}, device=device))
+                result.update(bleu_chrf(hyps, valid[1]))
+            return result
+
+        return batches, validate
+
+    @torch.no_grad()
+    def score(self, model, tokenizer, src: list[str], tgt: list[str], *, device, autocast=None) -> dict:
+        """Per-token loss and perplexity of the references (teacher forcing)."""
+        import contextlib
+
+        was = model.training
+        model.eval()
+        context = self.recipe.model.context
+        examples = [(s[:context], t[: context - 1]) for s, t in self.encode(tokenizer, src, tgt)]
+        total, count = 0.0, 0
+        for i in range(0, len(examples), TRANSLATE_BATCH):
+            batch = {k: v.to(device) for k, v in self.collate(tokenizer, examples[i:i + TRANSLATE_BATCH]).items()}
+            with (autocast or contextlib.nullcontext)():
+                loss, _, _ = model.loss(batch)
+            total += float(loss)
+            count += model.count_tokens(batch)
+        model.train(was)
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+
+    def translate(self, model, tokenizer, lines: Iterable[str], *, settings: dict, device=None,
+                  nbest: int = 1) -> Iterator[str | list[tuple[str, float]]]:
+        """Detokenized translations of `lines`, in order, decoded in batches of similar length."""
+        from tfx.decoding.beam import beam_search, greedy, max_lengths
+
+        cfg = self.recipe.generate
+        beam = settings.get("beam") or cfg.beam
+        lines = list(lines)
+        device = device or next(model.parameters()).device
+        context = self.recipe.model.context
+        encoded = [s for s, _ in self.encode(tokenizer, lines)]
+        if any(len(s) > context for s in encoded):
+            log(f"warning: sources longer than the context ({context} tokens) are cut to it")
+        encoded = [s if len(s) <= context else s[: context - 1] + [tokenizer.eos_id] for s in encoded]
+        order = sorted(range(len(lines)), key=lambda i: len(encoded[i]))
+        out: dict[int, object] = {}
+        for i in range(0, len(order), TRANSLATE_BATCH):
+            idx = order[i:i + TRANSLATE_BATCH]
+            src = pad([encoded[j] for j in idx], tokenizer.pad_id).to(device)
+            mask = src != tokenizer.pad_id
+            limits = max_lengths(mask, a=settings.get("max_len_a", cfg.max_len_a),
+                                 b=settings.get("max_len_b", cfg.max_len_b), cap=context - 1)
+            kw = dict(bos=tokenizer.bos_id, eos=tokenizer.eos_id, max_len=limits)
+            if beam == 1 and nbest == 1:
+                hyps = [[h] for h in greedy(model, src, mask, **kw)]
+            else:
+                hyps = beam_search(model, src, mask, beam=beam, nbest=nbest,
+                                   len_penalty=settings.get("len_penalty", cfg.len_penalty), **kw)
+            for j, hs in zip(idx, hyps):
+                out[j] = hs
+        for j in range(len(lines)):
+            hs = out[j]
+            if nbest == 1:
+                yield tokenizer.decode(hs[0].tokens)
+            else:
+                yield [(tokenizer.decode(h.tokens), h.normalized) for h in hs]
+
+    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, beam: int | None = None,
+                 hyp_out: str | None = None, **_) -> dict:
+        if data:
+            from tfx.data.datasets import read_pairs
+
+            d = self.recipe.data
+            pairs = read_pairs(data, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+        else:
+            pairs = self.pairs(split)
+            if pairs is None:
+                raise UsageError(f"the recipe has no {split!r} split; give --data FILE")
+        src, ref = pairs
+        result = self.score(model, tokenizer, src, ref, device=device)
+        hyps = list(self.translate(model, tokenizer, src, settings={"beam": beam}, device=device))
+        if hyp_out:
+            Path(hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        result.update(bleu_chrf(hyps, ref))
+        result["beam"] = beam or self.recipe.generate.beam
+        return result
+
+    def generate(self, model, tokenizer, lines, *, settings: dict, **_):
+        nbest = settings.get("nbest") or 1
+        lines = list(lines)
+        for line, out in zip(lines, self.translate(model, tokenizer, lines, settings=settings, nbest=nbest)):
+            if nbest == 1:
+                yield line, out
+            else:
+                yield line, "\t".join(f"{text}\t{score:.4f}" for text, score in out)
+
+
+def bleu_chrf(hyps: list[str], refs: list[str]) -> dict:
+    """sacreBLEU's corpus BLEU and chrF of detokenized hypotheses against raw references."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf = BLEU(), CHRF()
+    b = bleu.corpus_score(hyps, [refs])
+    c = chrf.corpus_score(hyps, [refs])
+    return {"bleu": b.score, "chrf": c.score, "signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature())}
