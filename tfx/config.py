@@ -276,8 +276,7 @@ def check_files(recipe: Any, source: str) -> None:
             f"{source}: data.{split}: file not found: {value!r}{also} "
             f"(give a local .txt/.tsv/.jsonl/.csv/.parquet file, or hf:NAME for a hub dataset)"
         )
-    if recipe.init_from and not (Path(recipe.init_from) / "recipe.toml").is_file():
-        raise UsageError(f"{source}: init_from: {recipe.init_from!r} is not a tfx run directory")
+
     tok_path = getattr(recipe.tokenizer, "path", None)
     if tok_path and not (Path(tok_path) / "tokenizer.json").is_file():
         raise UsageError(f"{source}: tokenizer.path: no tokenizer at {tok_path!r} (make one with `tfx tokenize train`)")

@@ -67,6 +67,8 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
         if recipe_path is None:
             raise UsageError("give a RECIPE to train, or --resume RUN")
         recipe = C.load_recipe(recipe_path, overrides)
+        if recipe.init_from and not (Path(recipe.init_from) / "recipe.toml").is_file():
+            raise UsageError(f"init_from: {recipe.init_from!r} is not a tfx run directory (train it first)")
         run_dir = Path(out or Path("runs") / recipe.name)
         if (run_dir / "state").exists() or (run_dir / "model.safetensors").exists():
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "

@@ -39,7 +39,7 @@ def greedy(model, src: Tensor, src_mask: Tensor, *, bos: int, eos: int, max_len:
     scores = [0.0] * B
     alive = set(range(B))
     for step in range(max(max_len)):
-        logp = model(last, state)[0][:, -1].float().log_softmax(-1)  # (B, V)
+        logp = model(last, state)[0][:, -1].double().log_softmax(-1)  # (B, V), as beam_search
         for b in range(B):
             if step + 1 >= max_len[b]:
                 logp[b, :eos], logp[b, eos + 1:] = float("-inf"), float("-inf")
