@@ -51,7 +51,8 @@ class ModelConfig(Strict):
     d_head: int | None = Field(None, gt=0)
     d_ff: int | None = Field(None, gt=0)
     context: int = Field(256, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)       # residual and embedding dropout
+    attn_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on attention weights (forces SDPA's slower path)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0)
     ffn: Literal["gelu", "relu", "swiglu"] = "gelu"

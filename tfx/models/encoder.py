@@ -37,7 +37,12 @@ class MaskedLM(nn.Module):
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
+        """The loss is per masked token."""
         return int((batch["target"] != IGNORE).sum())
+
+    @staticmethod
+    def input_tokens(batch: dict) -> int:
+        return int(batch["input"].numel())
 
 
 def mask_tokens(tokens: Tensor, *, prob: float, mask_id: int, vocab: int, special: tuple[int, ...],
@@ -85,4 +90,10 @@ class Classifier(nn.Module):
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
+        """The loss is per example."""
         return int(batch["label"].numel())
+
+    @staticmethod
+    def input_tokens(batch: dict) -> int:
+        """Throughput counts the real input tokens."""
+        return int(batch["mask"].sum())

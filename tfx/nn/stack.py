@@ -40,7 +40,7 @@ class TransformerStack(nn.Module):
                      dropout=cfg.dropout)
 
         def kernel(cfg_kernel):
-            return ATTENTION.build(cfg_kernel, n_heads=cfg.n_heads, d_head=d_head, dropout=cfg.dropout)
+            return ATTENTION.build(cfg_kernel, n_heads=cfg.n_heads, d_head=d_head, dropout=cfg.attn_dropout)
 
         dense = ATTENTION.config_model("dense")()  # cross-attention: every source token, any kind of self-attn
         self.blocks = nn.ModuleList(

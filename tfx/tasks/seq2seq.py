@@ -58,7 +58,8 @@ class Seq2SeqTask(Task):
                 yield self.collate(tokenizer, [examples[i] for i in idx.tolist()]), pos
 
         valid = self.pairs("valid", fetch=True)
-        log(f"{len(examples):,} training pairs, {sum(sizes):,} target-side tokens, vocabulary {tokenizer.vocab_size}"
+        log(f"{len(examples):,} training pairs, {sum(len(t) + 1 for _, t in examples):,} target tokens, "
+            f"vocabulary {tokenizer.vocab_size}"
             + (f", {len(valid[0]):,} validation pairs" if valid else ", no validation split"))
         if valid is None:
             return batches, None

@@ -133,10 +133,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
 
     def run_validation() -> dict:
         nonlocal best
-        result = validate(model)
+        result = {k: v for k, v in validate(model).items() if isinstance(v, (int, float, str))}
         write({"step": step, "split": "valid", **result})
-        log(f"step {step} | valid loss {result['loss']:.4f} | ppl {result['perplexity']:.2f}"
-            + (f" | bpb {result['bits_per_byte']:.4f}" if "bits_per_byte" in result else ""))
+        log(f"step {step} | valid " + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
         if result["loss"] < best and rank == 0:
             best = result["loss"]
             ckpt.save_weights(model, run_dir / "best.safetensors")
@@ -145,7 +144,8 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
     it = batches(position)
     model.train()
     window_loss = torch.zeros((), device=device)
-    window_tokens, window_start, last = 0, time.perf_counter(), {}
+    window_tokens, window_seen, window_start, last = 0, 0, time.perf_counter(), {}
+    input_tokens = getattr(model, "input_tokens", None)  # throughput where the loss is not per token
     with StopFlag() as stop, Progress(total=cfg.steps, start=step, log=log) as progress:
         while step < cfg.steps:
             lr = lr_at(step)
@@ -156,6 +156,7 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
                 batch, position = next(it)
                 micro.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             n_tokens = sum(model.count_tokens(b) for b in micro)
+            seen = sum(input_tokens(b) for b in micro) if input_tokens else n_tokens
             for batch in micro:
                 with autocast():
                     loss_sum, _, _ = model.loss(batch)
@@ -175,6 +176,7 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_tokens += n_tokens
+            window_seen += seen
             due = lambda every: every and step % every == 0  # noqa: E731
             saving = due(cfg.save_every) or step == cfg.steps or stop.signal
             if due(cfg.log_every) or saving:
@@ -184,11 +186,11 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
                                    f"checkpoint (step {last_saved}) is kept: lower train.optimizer.lr or raise "
                                    f"train.clip, then resume")
                 elapsed = time.perf_counter() - window_start
-                last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_tokens * world / elapsed}
+                last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen * world / elapsed}
                 write(last)
                 progress.update(step, loss=mean, lr=lr, tokens_per_s=last["tokens_per_s"])
                 window_loss.zero_()
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
             if validate and (due(cfg.eval_every) or step == cfg.steps):
                 run_validation()
                 window_start = time.perf_counter()  # validation time is not training throughput
