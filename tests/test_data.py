@@ -55,3 +55,22 @@ def test_too_little_text_is_a_clear_error():
         PackedBlocks(torch.arange(5), block=10, seed=0)
     with pytest.raises(ValueError, match="fewer than a batch"):
         next(PackedBlocks(torch.arange(31), block=10, seed=0).batches(8, DataPosition()))
+
+
+def test_length_batches_budget_cover_and_resume():
+    from tfx.data.batching import LengthBatches
+
+    lengths = [int(x) for x in torch.randint(1, 40, (300,), generator=torch.Generator().manual_seed(0))]
+    order = LengthBatches(lengths, seed=4, max_tokens=200)
+    epoch0 = order.epoch(0)
+    assert sorted(torch.cat(epoch0).tolist()) == list(range(300))  # every example once per epoch
+    assert all(len(b) * max(lengths[i] for i in b.tolist()) <= 200 for b in epoch0)
+    spread = [max(lengths[i] for i in b.tolist()) - min(lengths[i] for i in b.tolist()) for b in epoch0]
+    assert sum(spread) / len(spread) < 5  # bucketing: similar lengths share a batch
+    straight = list(itertools.islice(order.batches(DataPosition()), len(epoch0) + 5))
+    resumed = list(itertools.islice(order.batches(straight[6][1]), len(epoch0) - 2))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(straight[7:], resumed))
+    by_count = LengthBatches(lengths, seed=4, batch_size=16).epoch(0)
+    assert max(len(b) for b in by_count) == 16
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        LengthBatches(lengths, seed=0, max_tokens=10)
