@@ -134,3 +134,39 @@ def test_label_smoothing_only_in_training():
     assert float(model.loss(batch)[0].detach()) == pytest.approx(float(nll), rel=1e-6)
     model.train()
     assert float(model.loss(batch)[0].detach()) == pytest.approx(float(0.9 * nll + 0.1 * uniform), rel=1e-6)
+
+
+def test_separate_source_tokenizer(tmp_path):
+    """src_tokenizer: the encoder gets its own vocabulary; train, translate and resume-load all use it."""
+    from tfx import run
+
+    pairs = [(f"ein haus {i}", f"a house {i}") for i in range(40)]
+    (tmp_path / "pairs.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'''
+family = "seq2seq"
+[data]
+train = "{tmp_path / 'pairs.tsv'}"
+[tokenizer]
+kind = "byte"
+[src_tokenizer]
+kind = "char"
+[model]
+d_model = 16
+n_heads = 2
+n_layers = 1
+context = 32
+[train]
+steps = 2
+batch_size = 8
+device = "cpu"
+''')
+    out = tmp_path / "run"
+    run.train(str(recipe), overrides=[], out=str(out), resume=None)
+    assert (out / "tokenizer-src/tokenizer.json").is_file()
+    _, tok, model = run.load_run(out)
+    assert model.decoder.embed.num_embeddings == tok.vocab_size == 260
+    assert model.encoder.embed.num_embeddings == 4 + len(set("".join(a for a, _ in pairs)))
+    assert model.encoder.embed is not model.decoder.embed and model.head.weight is model.decoder.embed.weight
+    (line, text), = run.generate_lines(str(out), ["ein haus 7"], max_new_tokens=3)
+    assert line == "ein haus 7" and isinstance(text, str)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
@@ -113,6 +113,7 @@ class RecipeBase(Strict):
     init_from: str | None = None  # a run whose encoder (and tokenizer) a classifier starts from
     data: DataConfig
     tokenizer: Any = None
+    src_tokenizer: Any = None  # seq2seq: a separate source-side tokenizer (default: one joint vocabulary)
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -147,6 +148,7 @@ def recipe_model() -> type[BaseModel]:
     return create_model(
         "Recipe", __base__=RecipeBase,
         tokenizer=_tagged(TOKENIZER, "char"),
+        src_tokenizer=(Optional[_tagged(TOKENIZER, "char")[0]], None),
         model=(model_cls, Field(default_factory=model_cls)),
         train=(train_cls, Field(default_factory=train_cls)),
     )
@@ -278,9 +280,12 @@ def check_files(recipe: Any, source: str) -> None:
             f"(give a local .txt/.tsv/.jsonl/.csv/.parquet file, or hf:NAME for a hub dataset)"
         )
 
-    tok_path = getattr(recipe.tokenizer, "path", None)
-    if tok_path and not (Path(tok_path) / "tokenizer.json").is_file():
-        raise UsageError(f"{source}: tokenizer.path: no tokenizer at {tok_path!r} (make one with `tfx tokenize train`)")
+    for key in ("tokenizer", "src_tokenizer"):
+        tok_path = getattr(getattr(recipe, key), "path", None)
+        if tok_path and not (Path(tok_path) / "tokenizer.json").is_file():
+            raise UsageError(f"{source}: {key}.path: no tokenizer at {tok_path!r} (make one with `tfx tokenize train`)")
+    if recipe.src_tokenizer is not None and recipe.family != "seq2seq":
+        raise UsageError(f"{source}: src_tokenizer: only a seq2seq recipe has a source side")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *, files: bool = True) -> Any:

@@ -44,8 +44,12 @@ def _new_tokenizer(recipe, task, run_dir: Path):
     if recipe.init_from:
         shutil.copytree(Path(recipe.init_from) / "tokenizer", run_dir / "tokenizer", dirs_exist_ok=True)
         return load_tokenizer(run_dir / "tokenizer")
-    log(f"training the {recipe.tokenizer.kind} tokenizer")
-    tokenizer = train_tokenizer(recipe.tokenizer, task.tokenizer_texts())
+    separate = recipe.src_tokenizer is not None
+    if separate:
+        log(f"training the {recipe.src_tokenizer.kind} source tokenizer")
+        train_tokenizer(recipe.src_tokenizer, task.tokenizer_texts("src")).save(run_dir / "tokenizer-src")
+    log(f"training the {recipe.tokenizer.kind} {'target ' if separate else ''}tokenizer")
+    tokenizer = train_tokenizer(recipe.tokenizer, task.tokenizer_texts("tgt" if separate else "joint"))
     tokenizer.save(run_dir / "tokenizer")
     return tokenizer
 
@@ -76,7 +80,7 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    task = get_task(recipe)
+    task = get_task(recipe, run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer") if resume else _new_tokenizer(recipe, task, run_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
@@ -106,7 +110,7 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
     dev = select_device(device)
     model.to(dev)
-    result = get_task(recipe).evaluate(model, tokenizer, split=split, data=data, device=dev, run_dir=run_dir,
+    result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, run_dir=run_dir,
                                        **options)
     return {"split": "file" if data else split, **result}
 
@@ -118,7 +122,7 @@ def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "b
     settings = recipe.generate.model_dump()
     settings.update({k: v for k, v in options.items() if v is not None})
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    yield from get_task(recipe).generate(model, tokenizer, prompts, settings=settings, generator=generator,
+    yield from get_task(recipe, run_dir).generate(model, tokenizer, prompts, settings=settings, generator=generator,
                                          on_text=on_text, run_dir=run_dir)
 
 
@@ -149,7 +153,9 @@ def average(run_dir: str, *, last: int, out: str) -> Path:
     for name in ("recipe.toml", "labels.json"):
         if (Path(run_dir) / name).is_file():
             shutil.copy(Path(run_dir) / name, target / name)
-    shutil.copytree(Path(run_dir) / "tokenizer", target / "tokenizer")
+    for name in ("tokenizer", "tokenizer-src"):
+        if (Path(run_dir) / name).is_dir():
+            shutil.copytree(Path(run_dir) / name, target / name)
     save_weights(model, target / "model.safetensors")
     log(f"averaged {', '.join(p.name for p in chosen)} into {target}")
     return target

@@ -23,7 +23,13 @@ def build_model(recipe, *, tokenizer=None, vocab_size: int | None = None, run_di
     if recipe.family == "seq2seq":
         from tfx.models.seq2seq import Seq2Seq
 
-        return Seq2Seq(recipe.model, vocab_size=vocab, label_smoothing=recipe.train.label_smoothing)
+        src_vocab = None
+        if recipe.src_tokenizer is not None:
+            from tfx.data.tokenizers import load_tokenizer
+
+            src_vocab = load_tokenizer(Path(run_dir) / "tokenizer-src").vocab_size
+        return Seq2Seq(recipe.model, vocab_size=vocab, src_vocab_size=src_vocab,
+                       label_smoothing=recipe.train.label_smoothing)
     from tfx.models.encoder import Classifier, MaskedLM
 
     if recipe.family == "mlm":

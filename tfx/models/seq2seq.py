@@ -16,11 +16,15 @@ from tfx.nn.state import StackState
 class Seq2Seq(nn.Module):
     """`loss(batch)` for training; `encode` + `forward(tokens, state)` for decoding."""
 
-    def __init__(self, cfg, *, vocab_size: int, label_smoothing: float = 0.0):
+    def __init__(self, cfg, *, vocab_size: int, src_vocab_size: int | None = None, label_smoothing: float = 0.0):
+        """`src_vocab_size`: a separate source vocabulary (then only the decoder's input and output
+        embeddings can be tied)."""
         super().__init__()
         self.cfg, self.vocab_size, self.label_smoothing = cfg, vocab_size, label_smoothing
-        self.encoder = TransformerStack(cfg, vocab_size=vocab_size, causal=False, n_layers=cfg.encoder_layers)
-        shared = self.encoder.embed if cfg.tie_embeddings else None
+        joint = src_vocab_size is None
+        self.encoder = TransformerStack(cfg, vocab_size=vocab_size if joint else src_vocab_size, causal=False,
+                                        n_layers=cfg.encoder_layers)
+        shared = self.encoder.embed if cfg.tie_embeddings and joint else None
         self.decoder = TransformerStack(cfg, vocab_size=vocab_size, causal=True, n_layers=cfg.decoder_layers,
                                         cross=True, embed=shared)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)

@@ -3,7 +3,7 @@ becomes batches, what validation and evaluation report, and what `generate` prin
 from __future__ import annotations
 
 
-def get_task(recipe):
+def get_task(recipe, run_dir=None):
     family = recipe.family
     if family == "lm":
         from tfx.tasks.lm import LMTask as Task
@@ -13,4 +13,4 @@ def get_task(recipe):
         from tfx.tasks.classifier import ClassifierTask as Task
     else:  # pragma: no cover - the recipe schema allows no other family
         raise ValueError(family)
-    return Task(recipe)
+    return Task(recipe, run_dir)

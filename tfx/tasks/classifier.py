@@ -34,7 +34,7 @@ class ClassifierTask(Task):
         source = split_source(self.recipe, split, fetch=fetch)
         return None if source is None else read_documents(source, split=split, text_field=self.recipe.data.text_field)
 
-    def tokenizer_texts(self) -> list[str]:
+    def tokenizer_texts(self, side: str = "joint") -> list[str]:
         if self.recipe.family == "mlm":
             return self.documents("train", fetch=True)
         return self.labelled("train", fetch=True)[0]

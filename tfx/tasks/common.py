@@ -34,11 +34,11 @@ def split_source(recipe, split: str, *, fetch: bool) -> str | None:
 class Task:
     """Base of the family tasks; see tfx.tasks.lm for the reference implementation."""
 
-    def __init__(self, recipe):
-        self.recipe = recipe
+    def __init__(self, recipe, run_dir=None):
+        self.recipe, self.run_dir = recipe, run_dir
 
-    def tokenizer_texts(self) -> list[str]:
-        """The texts a new tokenizer is trained on."""
+    def tokenizer_texts(self, side: str = "joint") -> list[str]:
+        """The texts a new tokenizer is trained on (`side`: src or tgt for separate seq2seq ones)."""
         raise NotImplementedError
 
     def vocab_size(self, tokenizer) -> int:

@@ -16,7 +16,7 @@ class LMTask(Task):
         docs = read_documents(source, split=split, text_field=self.recipe.data.text_field)
         return encode_documents(tokenizer, docs), count_bytes(docs)
 
-    def tokenizer_texts(self) -> list[str]:
+    def tokenizer_texts(self, side: str = "joint") -> list[str]:
         from tfx.data.datasets import read_documents
 
         source = split_source(self.recipe, "train", fetch=True)

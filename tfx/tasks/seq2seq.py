@@ -25,14 +25,24 @@ class Seq2SeqTask(Task):
         d = self.recipe.data
         return read_pairs(source, split=split, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
 
-    def tokenizer_texts(self) -> list[str]:
+    def tokenizer_texts(self, side: str = "joint") -> list[str]:
         src, tgt = self.pairs("train", fetch=True)
-        return src + tgt  # one joint vocabulary
+        return {"src": src, "tgt": tgt}.get(side, src + tgt)
+
+    def source_tokenizer(self, tokenizer):
+        """The run's separate source tokenizer (tokenizer-src/), or the joint one."""
+        if self.recipe.src_tokenizer is None:
+            return tokenizer
+        if getattr(self, "_src_tok", None) is None:
+            from tfx.data.tokenizers import load_tokenizer
+
+            self._src_tok = load_tokenizer(Path(self.run_dir) / "tokenizer-src")
+        return self._src_tok
 
     def encode(self, tokenizer, src: list[str], tgt: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
         """Source ids end with EOS; target ids are the bare tokens (BOS/EOS added in collate)."""
-        enc = tokenizer.encode
-        return [(enc(s) + [tokenizer.eos_id], enc(t) if tgt is not None else [])
+        src_tok = self.source_tokenizer(tokenizer)
+        return [(src_tok.encode(s) + [src_tok.eos_id], tokenizer.encode(t) if tgt is not None else [])
                 for s, t in zip(src, tgt if tgt is not None else src)]
 
     def collate(self, tokenizer, examples: list[tuple[list[int], list[int]]]) -> dict:
