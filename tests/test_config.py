@@ -113,3 +113,13 @@ def test_cli_bad_recipe_exits_2_without_traceback(write):
         assert "did you mean 'dense'" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_tfx("train", str(path), "--set", "train.steps=abc")
     assert proc.returncode == 2 and "train.steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
+    for args in (["trian"], ["train", "--bogus"], [], ["eval"], ["tokenize", "encode", str(tmp_path / "none")],
+                 ["generate", str(tmp_path / "none"), "hi"]):
+        proc = run_tfx(*args)
+        assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert "Did you mean 'train'" in run_tfx("trian").stderr
+    assert run_tfx("--help").returncode == 0

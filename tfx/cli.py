@@ -315,28 +315,23 @@ def average(
 
 
 def main() -> None:
-    """Entry point: user errors become one message and an exit code, never a traceback."""
-    import click
+    """Entry point: user errors become one message and an exit code, never a traceback.
 
+    Typer/click itself handles usage errors (exit 2 with a hint) and --help (exit 0).
+    """
     try:
-        code = app(standalone_mode=False)
+        app()
     except TfxError as exc:
         err(f"tfx: error: {exc}")
-        code = exc.exit_code
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
         err("tfx: interrupted")
-        code = 130
+        sys.exit(130)
     except BrokenPipeError:
         # The reader went away (| head): stop quietly, as Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        code = 0
-    sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(0)
 
 
 if __name__ == "__main__":
