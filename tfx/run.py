@@ -79,7 +79,10 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
                              f"or pick another --out")
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot use {run_dir} as the run directory: {exc.strerror}") from None
     task = get_task(recipe, run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer") if resume else _new_tokenizer(recipe, task, run_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
