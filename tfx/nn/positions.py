@@ -68,10 +68,14 @@ def sinusoid_table(pos: Tensor, dim: int, base: float) -> Tensor:
 
 @POSITION.register("sinusoidal", config=SinusoidalConfig)
 class Sinusoidal(PositionScheme):
-    """Fixed sinusoidal absolute positions added to the embeddings (Vaswani et al., 2017)."""
+    """Fixed sinusoidal absolute positions added to the embeddings (Vaswani et al., 2017).
+
+    As in the paper, token embeddings are multiplied by sqrt(d_model) first: the table's entries
+    are of order 1, and unscaled embeddings (std 0.02) would drown in it.
+    """
 
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
-        return x + sinusoid_table(pos, self.d_model, self.cfg.base).to(x.dtype)
+        return x * math.sqrt(self.d_model) + sinusoid_table(pos, self.d_model, self.cfg.base).to(x.dtype)
 
 
 class LearnedConfig(KindConfig):
