@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfx.models.lm import IGNORE
+from tfx.models.lm import IGNORE, output_head, token_loss
 from tfx.nn.stack import TransformerStack
 
 
@@ -21,19 +21,14 @@ class MaskedLM(nn.Module):
         self.cfg, self.vocab_size, self.mask_prob = cfg, vocab_size, mask_prob
         self.mask_id = vocab_size - 1
         self.encoder = TransformerStack(cfg, vocab_size=vocab_size, causal=False)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.encoder.embed.weight
+        self.head = output_head(cfg.d_model, vocab_size, self.encoder.embed if cfg.tie_embeddings else None)
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         h, _ = self.encoder(tokens, key_padding_mask=mask)
         return self.head(h)  # (B, T, vocab)
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
-        logits = self(batch["input"], batch.get("mask"))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE,
-                               reduction="sum")
-        return loss, {}, None
+        return token_loss(self(batch["input"], batch.get("mask")), batch["target"]), {}, None
 
     @staticmethod
     def count_tokens(batch: dict) -> int:

@@ -10,6 +10,22 @@ from tfx.nn.state import StackState
 IGNORE = -100  # target id that takes no loss
 
 
+def output_head(d_model: int, vocab_size: int, embed: nn.Embedding | None) -> nn.Linear:
+    """The vocabulary projection, sharing `embed`'s matrix when given (tied embeddings)."""
+    head = nn.Linear(d_model, vocab_size, bias=False)
+    if embed is not None:
+        head.weight = embed.weight
+    else:
+        nn.init.normal_(head.weight, std=0.02)
+    return head
+
+
+def token_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Summed cross-entropy over the target ids that are not IGNORE (the loop divides by their count)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum",
+                           label_smoothing=label_smoothing)
+
+
 class LanguageModel(nn.Module):
     """Next-token prediction over a causal TransformerStack."""
 
@@ -18,11 +34,7 @@ class LanguageModel(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.stack = TransformerStack(cfg, vocab_size=vocab_size, causal=True)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.stack.embed.weight
-        else:
-            nn.init.normal_(self.head.weight, std=0.02)
+        self.head = output_head(cfg.d_model, vocab_size, self.stack.embed if cfg.tie_embeddings else None)
 
     @property
     def context(self) -> int:
@@ -39,9 +51,7 @@ class LanguageModel(nn.Module):
     def loss(self, batch: dict, state: StackState | None = None) -> tuple[Tensor, dict, StackState | None]:
         """Summed cross-entropy over the batch's target tokens (the loop divides by the token count)."""
         logits, state = self(batch["input"], state)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE,
-                               reduction="sum")
-        return loss, {}, state
+        return token_loss(logits, batch["target"]), {}, state
 
     @staticmethod
     def count_tokens(batch: dict) -> int:

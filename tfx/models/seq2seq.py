@@ -5,10 +5,9 @@ target. With a joint vocabulary the source, target and output embeddings are one
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfx.models.lm import IGNORE
+from tfx.models.lm import IGNORE, output_head, token_loss
 from tfx.nn.stack import TransformerStack
 from tfx.nn.state import StackState
 
@@ -27,11 +26,7 @@ class Seq2Seq(nn.Module):
         shared = self.encoder.embed if cfg.tie_embeddings and joint else None
         self.decoder = TransformerStack(cfg, vocab_size=vocab_size, causal=True, n_layers=cfg.decoder_layers,
                                         cross=True, embed=shared)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.decoder.embed.weight
-        else:
-            nn.init.normal_(self.head.weight, std=0.02)
+        self.head = output_head(cfg.d_model, vocab_size, self.decoder.embed if cfg.tie_embeddings else None)
 
     @property
     def context(self) -> int:
@@ -58,10 +53,8 @@ class Seq2Seq(nn.Module):
         """Summed (label-smoothed) cross-entropy over the real target tokens."""
         memory = self.encode(batch["src"], batch["src_mask"])
         h, _ = self.decoder(batch["tgt_in"], memory=memory, memory_mask=batch["src_mask"])
-        logits = self.head(h)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=IGNORE,
-                               reduction="sum", label_smoothing=self.label_smoothing if self.training else 0.0)
-        return loss, {}, None
+        smoothing = self.label_smoothing if self.training else 0.0
+        return token_loss(self.head(h), batch["tgt_out"], smoothing), {}, None
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
