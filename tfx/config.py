@@ -131,6 +131,7 @@ def import_kinds() -> None:
     import tfx.data.tokenizers  # noqa: F401
     import tfx.nn.attention  # noqa: F401
     import tfx.nn.positions  # noqa: F401
+    import tfx.nn.relative  # noqa: F401
     import tfx.train.optim  # noqa: F401
 
 

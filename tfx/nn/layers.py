@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.positions import PositionScheme
-from tfx.nn.state import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -61,13 +60,14 @@ class FeedForward(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads (MHA, GQA, MQA) and a pluggable kernel.
 
-    Projects q, k, v in one matmul, applies the position scheme's rotation, appends k, v to the
-    cache and hands tensors to the kernel.
+    Projects q, k, v in one matmul, applies the position scheme's rotation and per-layer
+    adjustment, and hands tensors and the cache to the kernel.
     """
 
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, d_head: int, bias: bool,
-                 dropout: float, kernel: AttentionKernel):
+                 dropout: float, kernel: AttentionKernel, layer: int = 0):
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * d_head, bias=bias)
         self.out = nn.Linear(n_heads * d_head, d_model, bias=bias)
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
-                cache: KVCache | None = None) -> Tensor:
+                cache=None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
         q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
@@ -83,9 +83,8 @@ class Attention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = pos.rotate(q, k, q_pos, q_pos)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hkv, L + T, D)
-        y = self.kernel(q, k, v, spec)  # (B, H, T, D)
+        q, spec = pos.adjust(q, spec, self.layer)
+        y = self.kernel.attend(q, k, v, spec, cache)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out(y))
 
@@ -133,7 +132,7 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
-                cache: KVCache | None = None, cross_kv: tuple[Tensor, Tensor] | None = None,
+                cache=None, cross_kv: tuple[Tensor, Tensor] | None = None,
                 cross_spec: AttnSpec | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache)
         if self.cross is not None:

@@ -1,8 +1,12 @@
-"""Position schemes, each with three hooks (identity / None where unused):
+"""Position schemes, each with four hooks (identity / None where unused):
 
 - ``embed(x, pos)``: added to the token embeddings (sinusoidal, learned);
 - ``rotate(q, k, q_pos, k_pos)``: applied to queries and keys before the cache (rope);
-- ``bias(q, q_pos, k_pos)``: an additive (1, H, Tq, Tk) score bias (alibi).
+- ``bias(q_pos, k_pos)``: an additive (1, H, Tq, Tk) score bias from positions only, computed once
+  per forward by the stack (alibi, t5);
+- ``adjust(q, spec, layer)``: per layer, after the cache, for schemes whose scores depend on the
+  query or on per-layer parameters (shaw, xl, da in relative.py): returns the query and the spec
+  with their bias, relative values or distance scaling.
 
 Positions are absolute token indices, so a KV cache or a memory needs no special case.
 """
@@ -20,14 +24,16 @@ from tfx.registry import POSITION, KindConfig
 class PositionScheme(nn.Module):
     """Base: every hook is the identity. `max_len` is the training context."""
 
-    uses_bias = False      # contributes an additive score bias
-    extrapolates = True    # defined for positions past max_len
+    uses_bias = False        # adds a score bias (static or from adjust): needs supports_bias
+    needs_score_mods = False  # adjust sets rel_values / score_scale: needs supports_score_mods
+    extrapolates = True      # defined for positions past max_len
 
-    def __init__(self, cfg, *, d_model: int, d_head: int, n_heads: int, max_len: int, causal: bool):
+    def __init__(self, cfg, *, d_model: int, d_head: int, n_heads: int, max_len: int, causal: bool,
+                 n_layers: int = 1):
         super().__init__()
         self.cfg = cfg
         self.d_model, self.d_head, self.n_heads = d_model, d_head, n_heads
-        self.max_len, self.causal = max_len, causal
+        self.max_len, self.causal, self.n_layers = max_len, causal, n_layers
 
     def ensure(self, length: int) -> None:
         """Called once per forward with the largest position + 1 (a Python int, no host sync)."""
@@ -38,8 +44,11 @@ class PositionScheme(nn.Module):
     def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
         return q, k
 
-    def bias(self, q: Tensor | None, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
         return None
+
+    def adjust(self, q: Tensor, spec, layer: int):
+        return q, spec
 
 
 class NoneConfig(KindConfig):
@@ -166,7 +175,7 @@ class Alibi(PositionScheme):
         super().__init__(cfg, **kw)
         self.register_buffer("slopes", alibi_slopes(self.n_heads), persistent=False)
 
-    def bias(self, q: Tensor | None, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         dist = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
         dist = dist if self.causal else dist.abs()
         return -(self.slopes[:, None, None] * dist)[None]  # (1, H, Tq, Tk)

@@ -1,7 +1,9 @@
 """TransformerStack: token embeddings, a position scheme, blocks and a final norm.
 
 `h, state = stack(tokens, state=..., key_padding_mask=...)`: the state (KV caches) goes in and comes
-out; positions continue from the state's length, so a decode step needs no special case.
+out; positions continue from the state's length, so a decode step needs no special case. A stack
+whose kernel cannot extend a cache exactly (lsh, routing) keeps the tokens instead and recomputes
+the whole prefix at each step.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from torch import Tensor, nn
 
 from tfx.nn.attention.base import AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
-from tfx.nn.state import KVCache, StackState
+from tfx.nn.state import StackState
 from tfx.registry import ATTENTION, POSITION
+import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
 
 
 class TransformerStack(nn.Module):
@@ -33,24 +36,27 @@ class TransformerStack(nn.Module):
         self.n_kv_heads, self.d_head, self.n_layers = n_kv, d_head, n_layers
         self.embed = embed if embed is not None else nn.Embedding(vocab_size, cfg.d_model)
         self.pos = POSITION.build(cfg.position, d_model=cfg.d_model, d_head=d_head, n_heads=cfg.n_heads,
-                                  max_len=cfg.context, causal=causal)
+                                  max_len=cfg.context, causal=causal, n_layers=n_layers)
         self.drop = nn.Dropout(cfg.dropout)
         d_ff = cfg.d_ff or default_d_ff(cfg.d_model, cfg.ffn)
         heads = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=d_head, bias=cfg.bias,
                      dropout=cfg.dropout)
 
-        def kernel(cfg_kernel):
-            return ATTENTION.build(cfg_kernel, n_heads=cfg.n_heads, d_head=d_head, dropout=cfg.attn_dropout)
+        shared: dict = {}
+
+        def kernel(cfg_kernel, layer):
+            return ATTENTION.build(cfg_kernel, n_heads=cfg.n_heads, d_head=d_head, dropout=cfg.attn_dropout,
+                                   max_len=cfg.context, layer=layer, shared=shared)
 
         dense = ATTENTION.config_model("dense")()  # cross-attention: every source token, any kind of self-attn
         self.blocks = nn.ModuleList(
             Block(
-                attn=Attention(**heads, kernel=kernel(cfg.attention)),
+                attn=Attention(**heads, kernel=kernel(cfg.attention, i), layer=i),
                 ffn=FeedForward(d_model=cfg.d_model, d_ff=d_ff, kind=cfg.ffn, bias=cfg.bias, dropout=cfg.dropout),
                 norm=cfg.norm, d_model=cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias,
-                cross=CrossAttention(**heads, kernel=kernel(dense)) if cross else None,
+                cross=CrossAttention(**heads, kernel=kernel(dense, i)) if cross else None,
             )
-            for _ in range(n_layers)
+            for i in range(n_layers)
         )
         self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.reset_parameters()
@@ -67,35 +73,56 @@ class TransformerStack(nn.Module):
             for proj in projections:
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(len(projections) * self.n_layers))
 
+    @property
+    def supports_cache(self) -> bool:
+        return all(block.attn.kernel.supports_cache for block in self.blocks)
+
     def new_state(self, batch: int, max_len: int, *, device=None, dtype=None) -> StackState:
-        """Empty preallocated KV caches for `batch` rows and up to `max_len` positions."""
+        """Empty generation state for `batch` rows and up to `max_len` positions: preallocated KV
+        caches (or each kernel's own state), or a token history when the kernel has no cache."""
         p = self.embed.weight
+        if not self.supports_cache:
+            return StackState(tokens=torch.zeros(batch, 0, dtype=torch.long, device=device or p.device))
         return StackState([
-            KVCache(batch, self.n_kv_heads, max_len, self.d_head, device=device or p.device, dtype=dtype or p.dtype)
-            for _ in self.blocks
+            block.attn.kernel.new_cache(batch, self.n_kv_heads, max_len, device=device or p.device,
+                                        dtype=dtype or p.dtype)
+            for block in self.blocks
         ])
 
+    def aux_loss(self) -> Tensor | None:
+        """The sum of the kernels' training penalties (adaptive span), or None."""
+        losses = [loss for block in self.blocks if (loss := block.attn.kernel.aux_loss()) is not None]
+        return sum(losses) if losses else None
+
     def forward(self, tokens: Tensor, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
-                memory: Tensor | None = None, memory_mask: Tensor | None = None) -> tuple[Tensor, StackState | None]:
+                memory: Tensor | None = None, memory_mask: Tensor | None = None,
+                cross_state: StackState | None = None) -> tuple[Tensor, StackState | None]:
         """(B, T) tokens -> (B, T, d_model). A cross stack attends to `memory` (B, S, d_model),
-        or to the keys/values the state kept from the first call."""
+        or to the keys/values the state (or `cross_state`) kept from the first call."""
+        if state is not None and state.tokens is not None:  # no cache: run the whole prefix again
+            state.tokens = torch.cat([state.tokens, tokens], dim=1)
+            T = tokens.shape[1]
+            h, _ = self.forward(state.tokens, key_padding_mask=key_padding_mask, memory=memory,
+                                memory_mask=memory_mask, cross_state=state)
+            return h[:, -T:], state
         B, T = tokens.shape
         offset = state.length if state is not None else 0
         q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
         k_pos = torch.arange(0, offset + T, device=tokens.device) if offset else q_pos  # (Tk,)
         self.pos.ensure(offset + T)
         spec = AttnSpec(q_pos=q_pos, k_pos=k_pos, causal=self.causal, key_padding_mask=key_padding_mask,
-                        bias=self.pos.bias(None, q_pos, k_pos))
+                        bias=self.pos.bias(q_pos, k_pos))
         x = self.drop(self.pos.embed(self.embed(tokens), q_pos))  # (B, T, d_model)
         caches = state.layers if state is not None else [None] * len(self.blocks)
         cross_kvs, cross_spec = [None] * len(self.blocks), None
         if self.has_cross:
-            if state is not None and state.cross is not None:
-                cross_kvs, memory_mask = state.cross, state.memory_mask
+            kept = state if state is not None else cross_state
+            if kept is not None and kept.cross is not None:
+                cross_kvs, memory_mask = kept.cross, kept.memory_mask
             else:
                 cross_kvs = [block.cross.project_memory(memory) for block in self.blocks]
-                if state is not None:
-                    state.cross, state.memory_mask = cross_kvs, memory_mask
+                if kept is not None:
+                    kept.cross, kept.memory_mask = cross_kvs, memory_mask
             S = cross_kvs[0][0].shape[2]
             cross_spec = AttnSpec(q_pos=q_pos, k_pos=torch.arange(S, device=tokens.device), causal=False,
                                   key_padding_mask=memory_mask)

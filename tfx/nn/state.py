@@ -51,15 +51,20 @@ class StackState:
     (`cross`) and the source padding mask, computed once per source.
     """
 
-    layers: list[KVCache] = field(default_factory=list)
+    layers: list = field(default_factory=list)  # KVCache, or a kernel's own state, per layer
     cross: list[tuple[Tensor, Tensor]] | None = None
     memory_mask: Tensor | None = None  # (B, S) True = a real source token
+    tokens: Tensor | None = None  # (B, L) the history, for kernels without a cache (recomputed)
 
     @property
     def length(self) -> int:
+        if self.tokens is not None:
+            return self.tokens.shape[1]
         return self.layers[0].length if self.layers else 0
 
     def reorder(self, index: Tensor) -> None:
+        if self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, index)
         for layer in self.layers:
             layer.reorder(index)
         if self.cross is not None:
@@ -68,5 +73,7 @@ class StackState:
             self.memory_mask = self.memory_mask.index_select(0, index)
 
     def crop(self, length: int) -> None:
+        if self.tokens is not None:
+            self.tokens = self.tokens[:, :length]
         for layer in self.layers:
             layer.crop(length)

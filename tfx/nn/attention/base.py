@@ -2,7 +2,13 @@
 
 Kernels see tensors and a small spec, never the Attention module: q (B, H, Tq, D) and k, v
 (B, Hkv, Tk, D) with H a multiple of Hkv (GQA/MQA), positions for masks, an optional padding mask
-and an optional additive bias from the position scheme.
+and what the position scheme adds to the scores (an additive bias; Shaw's relative values and
+DA's distance scaling, which only kernels that materialise scores can take).
+
+A kernel declares what it supports in class variables; `tfx recipe check` refuses combinations
+it cannot run and `tfx recipe kinds` prints them. A kernel that needs state other than a KV cache
+for generation (linear attention's running sums) returns it from `new_cache` and overrides
+`attend`; one that adds a training penalty (adaptive span) returns it from `aux_loss`.
 """
 from __future__ import annotations
 
@@ -21,6 +27,18 @@ class AttnSpec:
     causal: bool
     key_padding_mask: Tensor | None = None  # (B, Tk) True = attend
     bias: Tensor | None = None        # (1|B, H, Tq, Tk) additive
+    rel_values: tuple[Tensor, Tensor] | None = None  # Shaw: (R, D) table, (Tq, Tk) index into it
+    score_scale: Tensor | None = None  # DA: scores = relu(scores) * scale, (1|B, H, Tq, Tk)
+
+    @property
+    def plain(self) -> bool:
+        """No padding, bias or score modification: the fastest fused paths apply."""
+        return self.key_padding_mask is None and self.bias is None and not self.explicit_only
+
+    @property
+    def explicit_only(self) -> bool:
+        """Needs the score matrix itself (Shaw values, DA scaling): only supports_score_mods kernels."""
+        return self.rel_values is not None or self.score_scale is not None
 
 
 class AttentionKernel(nn.Module):
@@ -29,15 +47,39 @@ class AttentionKernel(nn.Module):
     exact: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = True
     supports_bidirectional: ClassVar[bool] = True
-    supports_cache: ClassVar[bool] = True
-    supports_bias: ClassVar[bool] = True
+    supports_cache: ClassVar[bool] = True        # prefill + steps == one full forward
+    supports_bias: ClassVar[bool] = True         # takes spec.bias (ALiBi, T5, XL, Shaw keys)
+    supports_score_mods: ClassVar[bool] = False  # takes spec.rel_values and spec.score_scale
+    supports_padding: ClassVar[bool] = True      # takes spec.key_padding_mask
+    complexity: ClassVar[str] = "O(T^2)"        # time per sequence, for `tfx recipe kinds`
 
-    def __init__(self, cfg, *, n_heads: int, d_head: int, dropout: float = 0.0):
+    def __init__(self, cfg, *, n_heads: int, d_head: int, dropout: float = 0.0, max_len: int = 0,
+                 layer: int = 0, shared: dict | None = None):
+        """`max_len` is the training context; `layer` the block index; `shared` one dict per stack,
+        for parameters shared across layers (Linformer's layerwise projections)."""
         super().__init__()
         self.cfg = cfg
         self.n_heads = n_heads
         self.d_head = d_head
         self.dropout = dropout
+        self.max_len = max_len
+        self.layer = layer
+        self.shared = shared if shared is not None else {}
+
+    def new_cache(self, batch: int, n_kv_heads: int, max_len: int, *, device, dtype):
+        """The generation state of one layer: a KV cache unless the kernel keeps something else."""
+        from tfx.nn.state import KVCache
+        return KVCache(batch, n_kv_heads, max_len, self.d_head, device=device, dtype=dtype)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, cache=None) -> Tensor:
+        """Attention of the new queries to the cached and the new keys; the cache is extended."""
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, L + T, D)
+        return self(q, k, v, spec)
+
+    def aux_loss(self) -> Tensor | None:
+        """A penalty this kernel adds to the training loss (per token), or None."""
+        return None
 
     def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
         """(Tq, Tk) bool pattern of the kernel itself (beyond causality), or None for all keys."""
@@ -65,17 +107,24 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
                         pattern: Tensor | None = None) -> Tensor:
     """Dense attention written out step by step: the oracle every kernel is tested against.
 
-    Rows with no allowed key give zeros.
+    Rows with no allowed key give zeros. Shaw's relative values are added pair by pair,
+    out_i = sum_j w_ij (v_j + table[index_ij]), a different route from dense's bucket sums.
     """
     B, H, Tq, D = q.shape
     rep = H // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)  # (B, H, Tk, D)
     v = v.repeat_interleave(rep, dim=1)  # (B, H, Tk, D)
     scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, Tq, Tk)
+    if spec.score_scale is not None:
+        scores = torch.relu(scores) * spec.score_scale
     if spec.bias is not None:
         scores = scores + spec.bias
     mask = full_mask(spec, pattern, B)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return weights @ v  # (B, H, Tq, D)
+    out = weights @ v  # (B, H, Tq, D)
+    if spec.rel_values is not None:
+        table, index = spec.rel_values
+        out = out + torch.einsum("bhqk,qkd->bhqd", weights, table[index].to(weights.dtype))
+    return out
