@@ -160,6 +160,37 @@ def recipe_check(paths: List[Path] = typer.Argument(..., help="Recipe files or f
         raise typer.Exit(2)
 
 
+@recipe_app.command("kinds")
+def recipe_kinds(json_out: bool = typer.Option(False, "--json", help="One JSON object instead of tables.")):
+    """The support matrix: every attention kind (exact? causal, bidirectional, KV cache, bias,
+    padding, complexity, the position schemes it takes) and every position scheme."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tfx.config import import_kinds
+    from tfx.kinds import attention_rows, position_rows
+
+    import_kinds()
+    attn, pos = attention_rows(), position_rows()
+    if json_out:
+        print(json.dumps({"attention": attn, "position": pos}, indent=1))
+        return
+    mark = {True: "yes", False: "-"}
+    table = Table("kind", "exact", "causal", "bidir", "cache", "bias", "padding", "time", "positions", "about",
+                  title="model.attention.kind")
+    for r in attn:
+        table.add_row(r["kind"], *(mark[r[k]] for k in ("exact", "causal", "bidirectional", "cache", "bias",
+                                                          "padding")),
+                      r["complexity"], ", ".join(r["positions"]), r["about"])
+    console = Console(highlight=False)
+    console.print(table)
+    table = Table("kind", "hooks", "extrapolates", "needs", "about", title="model.position.kind")
+    for r in pos:
+        table.add_row(r["kind"], ", ".join(r["hooks"]), mark[r["extrapolates"]],
+                      ", ".join(n.removeprefix("supports_") for n in r["needs"]) or "-", r["about"])
+    console.print(table)
+
+
 # ----------------------------------------------------------------------------- train / eval / generate
 
 @app.command()

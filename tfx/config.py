@@ -239,12 +239,17 @@ def _explain(err: dict, root: type[BaseModel], raw: dict) -> str:
 
 
 def validate(raw: dict, source: str = "recipe") -> BaseModel:
+    from tfx.kinds import problems
+
     root = recipe_model()
     try:
-        return root.model_validate(raw)
+        recipe = root.model_validate(raw)
     except ValidationError as exc:
         lines = [_explain(e, root, raw) for e in exc.errors()]
         raise UsageError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+    if lines := problems(recipe):
+        raise UsageError(f"{source}: impossible combination:\n  " + "\n  ".join(lines))
+    return recipe
 
 
 def read_toml(path: str | Path) -> dict:

@@ -115,7 +115,15 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
     model.to(dev)
     result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, run_dir=run_dir,
                                        **options)
-    return {"split": "file" if data else split, **result}
+    spans = learned_spans(model)
+    return {"split": "file" if data else split, **result, **({"attention_spans": spans} if spans else {})}
+
+
+def learned_spans(model) -> list[list[float]]:
+    """Adaptive attention spans in tokens, one list of heads per layer (empty without the option)."""
+    from tfx.nn.attention.span import AdaptiveSpan
+
+    return [[round(float(s), 1) for s in m.spans()] for m in model.modules() if isinstance(m, AdaptiveSpan)]
 
 
 def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "best", seed: int | None = None,

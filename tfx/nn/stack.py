@@ -89,11 +89,6 @@ class TransformerStack(nn.Module):
             for block in self.blocks
         ])
 
-    def aux_loss(self) -> Tensor | None:
-        """The sum of the kernels' training penalties (adaptive span), or None."""
-        losses = [loss for block in self.blocks if (loss := block.attn.kernel.aux_loss()) is not None]
-        return sum(losses) if losses else None
-
     def forward(self, tokens: Tensor, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
                 memory: Tensor | None = None, memory_mask: Tensor | None = None,
                 cross_state: StackState | None = None) -> tuple[Tensor, StackState | None]:

@@ -20,6 +20,7 @@ import torch
 
 from tfx.data.batching import DataPosition
 from tfx.errors import RunError
+from tfx.nn.attention.base import aux_losses
 from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.train import checkpoint as ckpt
 from tfx.train.progress import Progress
@@ -161,6 +162,8 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
                 with autocast():
                     loss_sum, _, _ = model.loss(batch)
                 loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
+                if (aux := aux_losses(model)) is not None:  # kernels' penalties (adaptive span)
+                    loss = loss + aux / len(micro)
                 (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += loss_sum.detach()
             if scaler:

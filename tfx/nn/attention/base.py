@@ -82,21 +82,30 @@ class AttentionKernel(nn.Module):
         return None
 
     def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
-        """(Tq, Tk) bool pattern of the kernel itself (beyond causality), or None for all keys."""
+        """(Tq, Tk) bool pattern of the kernel itself (beyond causality), or None for all keys;
+        (H, Tq, Tk) when the pattern differs between heads (blockwise, bigbird, dilated heads)."""
         return None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
+def aux_losses(model: nn.Module) -> Tensor | None:
+    """The sum of every kernel's per-token training penalty in `model` (adaptive span), or None."""
+    losses = [loss for m in model.modules() if isinstance(m, AttentionKernel) and (loss := m.aux_loss()) is not None]
+    return sum(losses) if losses else None
+
+
 def full_mask(spec: AttnSpec, pattern: Tensor | None, batch: int) -> Tensor | None:
-    """The boolean (B|1, 1, Tq, Tk) mask of allowed pairs: pattern & causality & padding."""
+    """The boolean (B|1, 1|H, Tq, Tk) mask of allowed pairs: pattern & causality & padding.
+
+    `pattern` is (Tq, Tk), or (H, Tq, Tk) for a pattern that differs between heads."""
     mask = pattern
     if spec.causal:
         causal = spec.k_pos[None, :] <= spec.q_pos[:, None]  # (Tq, Tk)
         mask = causal if mask is None else mask & causal
     if mask is not None:
-        mask = mask[None, None]  # (1, 1, Tq, Tk)
+        mask = mask[None] if mask.dim() == 3 else mask[None, None]  # (1, 1|H, Tq, Tk)
     if spec.key_padding_mask is not None:
         pad = spec.key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
         mask = pad if mask is None else mask & pad

@@ -5,6 +5,7 @@ relative values or DA's distance scaling it materialises the (Tq, Tk) weights in
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tfx.nn.attention.base import AttentionKernel, AttnSpec, full_mask
-from tfx.registry import ATTENTION, KindConfig
+from tfx.nn.attention.span import AdaptiveSpan, SpanOptions
+from tfx.registry import ATTENTION
 
 
-class DenseConfig(KindConfig):
+class DenseConfig(SpanOptions):
     kind: str = "dense"
 
 
@@ -74,8 +76,18 @@ class DenseAttention(AttentionKernel):
 
     supports_score_mods = True
 
+    def __init__(self, cfg, **kw):
+        super().__init__(cfg, **kw)
+        self.span = AdaptiveSpan(cfg, self.n_heads) if cfg.adaptive_span else None
+
+    def aux_loss(self) -> Tensor | None:
+        return self.span.penalty() if self.span is not None and self.training else None
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tensor:
         p = self.dropout if self.training else 0.0
+        if self.span is not None:
+            bias = self.span.bias(spec.q_pos, spec.k_pos, spec.causal).to(q.dtype)
+            spec = dataclasses.replace(spec, bias=bias if spec.bias is None else spec.bias + bias)
         if spec.explicit_only:
             return explicit_attention(q, k, v, spec, dropout=p)
         return sdpa(q, k, v, spec, dropout=p)

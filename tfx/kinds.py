@@ -1,0 +1,89 @@
+"""What each attention kind and position scheme supports, and which recipe combinations work.
+
+`problems(recipe)` is checked with every recipe (`tfx recipe check`, `tfx train`), so an
+impossible combination is refused with its reason before any model is built; `support_rows`
+feeds `tfx recipe kinds`.
+"""
+from __future__ import annotations
+
+import inspect
+
+from tfx.nn.positions import PositionScheme
+from tfx.registry import ATTENTION, POSITION
+
+# self-attention stacks of each family: (name, causal, padded keys)
+STACKS = {
+    "lm": [("decoder", True, False)],
+    "seq2seq": [("encoder", False, True), ("decoder", True, False)],
+    "classifier": [("encoder", False, True)],
+    "mlm": [("encoder", False, True)],
+}
+
+
+def summary(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
+def position_needs(pos_cls) -> list[str]:
+    """Kernel capabilities a position scheme relies on."""
+    return [flag for flag, need in (("supports_bias", pos_cls.uses_bias),
+                                    ("supports_score_mods", pos_cls.needs_score_mods)) if need]
+
+
+def works_with(kernel_cls, pos_cls) -> bool:
+    return all(getattr(kernel_cls, flag) for flag in position_needs(pos_cls))
+
+
+def problems(recipe) -> list[str]:
+    """Every reason the recipe's attention kind, position scheme and family cannot run together."""
+    m = recipe.model
+    kind, position = m.attention.kind, m.position.kind
+    kernel, pos = ATTENTION.get(kind), POSITION.get(position)
+    out = []
+    for stack, causal, padded in STACKS[recipe.family]:
+        where = f"the {recipe.family} {stack}" if recipe.family == "seq2seq" else f"a {recipe.family} model"
+        if causal and not kernel.supports_causal:
+            out.append(f"model.attention.kind: {kind!r} cannot be causal, as {where} needs "
+                       f"(it mixes every position into every output)")
+        if not causal and not kernel.supports_bidirectional:
+            out.append(f"model.attention.kind: {kind!r} is causal only; {where} attends both ways")
+        if padded and not kernel.supports_padding:
+            out.append(f"model.attention.kind: {kind!r} cannot mask padding, which {where} has")
+    if pos.uses_bias and not kernel.supports_bias:
+        out.append(f"model.position.kind: {position!r} adds a bias to the attention scores, which "
+                   f"{kind!r} never forms; use a position scheme without a bias (rope, sinusoidal, learned, none)")
+    if pos.needs_score_mods and not kernel.supports_score_mods:
+        out.append(f"model.position.kind: {position!r} needs the attention weights themselves "
+                   f"(relative values or distance scaling), which only the dense kernel materialises")
+    check = getattr(kernel, "check_recipe", None)
+    if check is not None:
+        out.extend(f"model.attention: {msg}" for msg in check(m.attention, m))
+    return out
+
+
+def attention_rows() -> list[dict]:
+    rows = []
+    for name in ATTENTION.names():
+        cls = ATTENTION.get(name)
+        rows.append({
+            "kind": name, "exact": cls.exact, "causal": cls.supports_causal,
+            "bidirectional": cls.supports_bidirectional, "cache": cls.supports_cache, "bias": cls.supports_bias,
+            "padding": cls.supports_padding, "complexity": cls.complexity,
+            "positions": [p for p in POSITION.names() if works_with(cls, POSITION.get(p))],
+            "about": summary(cls),
+        })
+    return rows
+
+
+def position_rows() -> list[dict]:
+    rows = []
+    for name in POSITION.names():
+        cls = POSITION.get(name)
+        hooks = [h for h in ("embed", "rotate", "bias", "adjust") if getattr(cls, h) is not getattr(PositionScheme, h)]
+        rows.append({
+            "kind": name, "hooks": hooks, "extrapolates": cls.extrapolates, "needs": position_needs(cls),
+            "attention": [k for k in ATTENTION.names() if works_with(ATTENTION.get(k), cls)],
+            "about": summary(cls),
+        })
+    return rows
