@@ -15,6 +15,12 @@ import_kinds()
 # kind -> recipe parameters small enough that a 37-token sequence exercises every part of the pattern
 EXACT: dict[str, dict] = {
     "dense": {},
+    "local": {"window": 5},
+    "strided": {"stride": 4},
+    "fixed": {"block": 6, "summary": 2},
+    "blockwise": {"n_blocks": 3, "block_size": 5, "shifts": [0, 1, 2]},
+    "longformer": {"window": 3, "dilation": [1, 2], "global_tokens": [0, 17], "global_every": 0},
+    "bigbird": {"block": 4, "window_blocks": 3, "global_blocks": 1, "random_blocks": 2, "seed": 0},
 }
 
 CASES = {

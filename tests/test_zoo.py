@@ -19,7 +19,16 @@ V, T = 19, 14
 
 # small settings so that a 14-token sequence crosses every part of each kind's pattern
 PARAMS: dict[str, dict] = {
-    "dense": {},
+    "local": {"window": 3},
+    "strided": {"stride": 3},
+    "fixed": {"block": 4, "summary": 1},
+    "blockwise": {"n_blocks": 4, "shifts": [0, 1]},
+    "longformer": {"window": 2, "dilation": [1, 2], "global_tokens": [0, 9]},
+    "bigbird": {"block": 2, "window_blocks": 3, "global_blocks": 1, "random_blocks": 1, "random_from": "past"},
+    "lsh": {"chunk": 4, "n_hashes": 2},
+    "routing": {"n_clusters": 2},
+    "performer": {"features": 16},
+    "linformer": {"k": 8},
 }
 
 

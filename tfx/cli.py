@@ -293,7 +293,9 @@ def eval_(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     split: str = typer.Option("test", help="valid or test split of the recipe's data."),
     data: Optional[Path] = typer.Option(None, help="Evaluate this file instead of a split."),
-    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: the context)."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: the window)."),
+    context: Optional[int] = typer.Option(None, help="LM: window length in tokens (default: the training "
+                                          "context); longer windows measure length extrapolation."),
     checkpoint: str = typer.Option("best", help="best or last."),
     batch_size: int = typer.Option(32, help="LM: windows per forward pass."),
     beam: Optional[int] = typer.Option(None, help="seq2seq: beam size (recipe default)."),
@@ -312,10 +314,12 @@ def eval_(
         raise UsageError(f"--split {split!r}: expected train, valid or test")
     if stride is not None and stride <= 0:
         raise UsageError("--stride must be positive")
+    if context is not None and context <= 1:
+        raise UsageError("--context must be at least 2")
     if beam is not None and beam <= 0:
         raise UsageError("--beam must be positive")
     result = run.evaluate(str(run_dir), split=split, data=str(data) if data else None, stride=stride,
-                          checkpoint=checkpoint, batch_size=batch_size, beam=beam,
+                          context=context, checkpoint=checkpoint, batch_size=batch_size, beam=beam,
                           hyp_out=str(hyp_out) if hyp_out else None)
     if json_out:
         print(json.dumps(result))

@@ -76,6 +76,7 @@ class ModelConfig(Strict):
 
 class TrainConfig(Strict):
     steps: int = Field(1000, gt=0)
+    max_minutes: float | None = Field(None, gt=0)  # also stop (validate, save) after this much training time
     batch_size: int = Field(16, gt=0)
     max_tokens: int | None = Field(None, gt=0)  # seq2seq/classifier: batches by token budget instead
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)

@@ -55,17 +55,17 @@ class LMTask(Task):
                                                                    max_tokens=recipe.train.eval_tokens)
 
     def score(self, model, ids: torch.Tensor, n_bytes: int, *, device, autocast=None, stride: int | None = None,
-              max_tokens: int | None = None, batch_size: int = 32) -> dict:
+              max_tokens: int | None = None, batch_size: int = 32, context: int | None = None) -> dict:
         from tfx.evaluate import score_stream
 
         if max_tokens is not None and max_tokens < ids.numel() - 1:
             n_bytes = round(n_bytes * max_tokens / (ids.numel() - 1))
-        nll, count = score_stream(model, ids, context=self.recipe.model.context, stride=stride,
+        nll, count = score_stream(model, ids, context=context or self.recipe.model.context, stride=stride,
                                   batch_size=batch_size, device=device, max_tokens=max_tokens, autocast=autocast)
         return lm_metrics(nll, count, n_bytes)
 
     def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, stride: int | None = None,
-                 batch_size: int = 32, **_) -> dict:
+                 batch_size: int = 32, context: int | None = None, **_) -> dict:
         if data:
             ids, n_bytes = self._read(tokenizer, data, "train")
         else:
@@ -75,7 +75,8 @@ class LMTask(Task):
             ids, n_bytes = loaded
         if ids.numel() < 2:
             raise UsageError("nothing to evaluate: the text is empty")
-        return self.score(model, ids, n_bytes, device=device, stride=stride, batch_size=batch_size)
+        result = self.score(model, ids, n_bytes, device=device, stride=stride, batch_size=batch_size, context=context)
+        return {**result, "context": context or self.recipe.model.context}
 
     def generate(self, model, tokenizer, prompts, *, settings: dict, generator=None, on_text=None, **_):
         from tfx.decoding.generate import generate_text

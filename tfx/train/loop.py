@@ -147,6 +147,7 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
     window_loss = torch.zeros((), device=device)
     window_tokens, window_seen, window_start, last = 0, 0, time.perf_counter(), {}
     input_tokens = getattr(model, "input_tokens", None)  # throughput where the loss is not per token
+    deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     with StopFlag() as stop, Progress(total=cfg.steps, start=step, log=log) as progress:
         while step < cfg.steps:
             lr = lr_at(step)
@@ -181,7 +182,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
             window_tokens += n_tokens
             window_seen += seen
             due = lambda every: every and step % every == 0  # noqa: E731
-            saving = due(cfg.save_every) or step == cfg.steps or stop.signal
+            timed_out = time.perf_counter() >= deadline
+            final = step == cfg.steps or timed_out
+            saving = due(cfg.save_every) or final or stop.signal
             if due(cfg.log_every) or saving:
                 mean = float(window_loss) / window_tokens  # the one host sync, when logging or saving
                 if not math.isfinite(mean):
@@ -194,11 +197,14 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
                 progress.update(step, loss=mean, lr=lr, tokens_per_s=last["tokens_per_s"])
                 window_loss.zero_()
                 window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
-            if validate and (due(cfg.eval_every) or step == cfg.steps):
+            if validate and (due(cfg.eval_every) or final):
                 run_validation()
                 window_start = time.perf_counter()  # validation time is not training throughput
             if saving:
                 save()
+            if timed_out and step < cfg.steps:
+                log(f"train.max_minutes ({cfg.max_minutes:g}) reached at step {step}; saved")
+                break
             if stop.signal:
                 name = signal.Signals(stop.signal).name
                 log(f"{name}: saved step {step}; continue with: tfx train --resume {run_dir}")
