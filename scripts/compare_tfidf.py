@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tfxrun import REPO, tfx
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[str]]:
@@ -37,13 +35,6 @@ def baseline(root: Path) -> dict:
     clf = LogisticRegression(max_iter=2000, C=4.0).fit(vec.fit_transform(x_train), y_train)
     pred = clf.predict(vec.transform(x_test))
     return {"accuracy": accuracy_score(y_test, pred), "macro_f1": f1_score(y_test, pred, average="macro")}
-
-
-def tfx(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tfx", *args], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"tfx {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout
 
 
 def main() -> None:
