@@ -86,7 +86,7 @@ class DenseAttention(AttentionKernel):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tensor:
         p = self.dropout if self.training else 0.0
         if self.span is not None:
-            bias = self.span.bias(spec.q_pos, spec.k_pos, spec.causal).to(q.dtype)
+            bias = self.span.bias(spec.q_pos, spec.k_pos).to(q.dtype)
             spec = dataclasses.replace(spec, bias=bias if spec.bias is None else spec.bias + bias)
         if spec.explicit_only:
             return explicit_attention(q, k, v, spec, dropout=p)

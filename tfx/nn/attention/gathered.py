@@ -42,11 +42,14 @@ class Part:
     k_idx: (P, G, K) key indices of each group; indices out of range are empty slots;
     rule: (qp (P, G, b, 1), kp (P, G, 1, K)) absolute positions -> bool, broadcastable to
           (H, G, b, K); None admits every gathered pair.
+    distance_bias: (P, G, b, K) distances qp - kp -> a score bias broadcastable to (H, G, b, K),
+          computed at the gathered pairs only (the adaptive span's soft mask); None for none.
     """
 
     q_idx: Tensor
     k_idx: Tensor
     rule: Rule | None = None
+    distance_bias: Callable[[Tensor], Tensor] | None = None
 
 
 def offset(spec: AttnSpec) -> Tensor:
@@ -125,6 +128,8 @@ def _part(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, part: Part, dropout: 
             bias = spec.bias[:, hb, qi[..., None], ki[..., None, :]]     # (1|B, H, G, b, K)
         scores = scores + bias.to(acc)
     qp, kp = spec.q_pos[qi][..., None], spec.k_pos[ki][..., None, :]  # (P, G, b, 1), (P, G, 1, K)
+    if part.distance_bias is not None:
+        scores = scores + part.distance_bias(qp - kp).to(acc)
     mask = q_ok[..., None] & k_ok[..., None, :]                      # (P, G, b, K)
     if part.rule is not None:
         mask = mask & part.rule(qp, kp)

@@ -10,7 +10,8 @@ consecutive positions; a block gathers the keys from window - 1 positions before
 to its last query (and window - 1 after it when bidirectional), so no Tq x Tk mask or score
 matrix is ever built. Time and memory O(T·window) (about 2·T·window scores causal, 3·T·window
 bidirectional). Causal and bidirectional, KV cache (queries at any offset), padding, GQA/MQA and an
-additive bias (the given (.., Tq, Tk) bias is read at the gathered pairs only).
+additive bias (the given (.., Tq, Tk) bias is read at the gathered pairs only). The adaptive span
+option (span.py) is computed at the gathered pairs too, so it costs no T x T tensor either.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from torch import Tensor
 
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.attention.gathered import Part, banded_index, gathered_attention, offset
-from tfx.registry import ATTENTION, KindConfig
+from tfx.nn.attention.span import AdaptiveSpan, SpanOptions
+from tfx.registry import ATTENTION
 
 
-class LocalConfig(KindConfig):
+class LocalConfig(SpanOptions):
     kind: str = "local"
     window: int = Field(128, ge=1, description="keys within |i - j| < window (causal: the window keys up to i)")
 
@@ -36,6 +38,10 @@ class LocalAttention(AttentionKernel):
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
         self.window = cfg.window
+        self.span = AdaptiveSpan(cfg, self.n_heads) if cfg.adaptive_span else None
+
+    def aux_loss(self) -> Tensor | None:
+        return self.span.penalty() if self.span is not None and self.training else None
 
     def rule(self, qp: Tensor, kp: Tensor) -> Tensor:
         return (qp - kp).abs() < self.window
@@ -48,5 +54,6 @@ class LocalAttention(AttentionKernel):
         block = max(1, min(self.window, Tq))
         q_idx, k_idx = banded_index(Tq, offset(spec), reach=self.window, dilation=1, block=block,
                                     causal=spec.causal)
-        part = Part(q_idx[None], k_idx[None], self.rule)
+        part = Part(q_idx[None], k_idx[None], self.rule,
+                    distance_bias=self.span.log_mask if self.span is not None else None)
         return gathered_attention(q, k, v, spec, [part], dropout=self.dropout if self.training else 0.0)

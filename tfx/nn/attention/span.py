@@ -34,16 +34,21 @@ class AdaptiveSpan(nn.Module):
         """(H,) learned spans in tokens."""
         return self.z.clamp(0, 1) * self.cfg.max_span
 
-    def bias(self, q_pos: Tensor, k_pos: Tensor, causal: bool) -> Tensor:
-        """(1, H, Tq, Tk) log of the soft mask; -inf where the ramp is zero."""
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """(1, H, Tq, Tk) log of the soft mask over all pairs."""
+        return self.log_mask((q_pos[:, None] - k_pos[None, :])[None])[None]
+
+    def log_mask(self, dist: Tensor) -> Tensor:
+        """Signed distances q_pos - k_pos of shape (1|H, ...) -> (H, ...) log of the soft mask,
+        -inf where the ramp is zero. A key's distance counts both ways (causality masks the rest)."""
         if self.training:
             self.clamp_()  # the paper clips z after every update; here before every use
-        dist = (q_pos[:, None] - k_pos[None, :]).float()
-        dist = dist.clamp_min(0) if causal else dist.abs()
+        H = self.z.shape[0]
+        spans = self.spans().view(H, *([1] * (dist.dim() - 1)))
         R = self.cfg.span_ramp
-        ramp = ((R + self.spans()[:, None, None] - dist) / R).clamp(0, 1)  # (H, Tq, Tk)
+        ramp = ((R + spans - dist.abs().float()) / R).clamp(0, 1)
         safe = torch.where(ramp > 0, ramp, torch.ones_like(ramp)).log()  # no log(0) in the graph
-        return torch.where(ramp > 0, safe, torch.full_like(ramp, float("-inf")))[None]
+        return torch.where(ramp > 0, safe, torch.full_like(ramp, float("-inf")))
 
     def penalty(self) -> Tensor:
         return self.cfg.span_penalty * self.spans().mean()
