@@ -55,7 +55,7 @@ def test_span_learns_and_its_penalty_joins_the_loss():
     q, kk, v = qkv(2)
     spec = AttnSpec(q_pos=torch.arange(T), k_pos=torch.arange(T), causal=True)
     penalty = aux_losses(k)
-    assert penalty is not None and float(penalty) == pytest.approx(0.01 * 4.0)  # λ · mean(0, 4, 8)
+    assert penalty is not None and float(penalty.detach()) == pytest.approx(0.01 * 4.0)  # λ · mean(0, 4, 8)
     k(q, kk, v, spec).pow(2).sum().backward()
     assert k.span.z.grad is not None and k.span.z.grad[1:].abs().sum() > 0
     assert aux_losses(k.eval()) is None  # no penalty outside training
