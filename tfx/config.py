@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from tfx.errors import UsageError
-from tfx.registry import ATTENTION, OPTIMIZER, POSITION, SCHEDULE, TOKENIZER, Registry, closest
+from tfx.registry import ATTENTION, MEMORY, OPTIMIZER, POSITION, SCHEDULE, TOKENIZER, Registry, closest
 
 DATA_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -63,6 +63,7 @@ class ModelConfig(Strict):
     pool: Literal["cls", "mean"] = "cls"            # classifier: the [CLS] (first) token or the mean
     attention: Any = None  # replaced by the registry union in recipe_model()
     position: Any = None
+    memory: Any = None
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -132,6 +133,7 @@ def import_kinds() -> None:
     import tfx.data.tokenizers  # noqa: F401
     import tfx.nn.attention  # noqa: F401
     import tfx.nn.positions  # noqa: F401
+    import tfx.nn.recurrence  # noqa: F401
     import tfx.nn.relative  # noqa: F401
     import tfx.train.optim  # noqa: F401
 
@@ -142,6 +144,7 @@ def recipe_model() -> type[BaseModel]:
     model_cls = create_model(
         "ModelConfig", __base__=ModelConfig,
         attention=_tagged(ATTENTION, "dense"), position=_tagged(POSITION, "learned"),
+        memory=_tagged(MEMORY, "none"),
     )
     train_cls = create_model(
         "TrainConfig", __base__=TrainConfig,

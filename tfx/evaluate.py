@@ -50,3 +50,41 @@ def score_stream(model, ids: torch.Tensor, *, context: int, stride: int | None =
             count += int((target != -100).sum())
     model.train(was_training)
     return float(total), count
+
+
+@torch.no_grad()
+def score_stream_recurrent(model, ids: torch.Tensor, *, segment: int, lanes: int = 32,
+                           device: str | torch.device = "cpu", max_tokens: int | None = None,
+                           autocast=None) -> tuple[float, int]:
+    """score_stream for a model with an XL memory: the text as `lanes` contiguous lanes read
+    segment by segment with the memory carried, every token 1..n-1 scored once."""
+    if max_tokens is not None:
+        ids = ids[: max_tokens + 1]
+    was_training = model.training
+    model.eval()
+    ids = ids.long().to(device)
+    n = ids.numel()
+    lanes = max(1, min(lanes, (n - 1) // segment))
+    lane_len = (n - 1) // lanes
+    starts = torch.arange(lanes, device=device)[:, None] * lane_len
+    inputs = ids[starts + torch.arange(lane_len, device=device)]  # (lanes, lane_len)
+    targets = ids[starts + 1 + torch.arange(lane_len, device=device)]
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    state = model.stack.new_memory()
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> None:
+        nonlocal state, total, count
+        for s in range(0, x.shape[1], segment):
+            with autocast() if autocast else torch.autocast("cpu", enabled=False):
+                logits, state = model(x[:, s:s + segment], state)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y[:, s:s + segment].flatten(),
+                                     reduction="sum").double()
+            count += y[:, s:s + segment].numel()
+
+    run(inputs, targets)
+    rest = lanes * lane_len  # tokens past the last lane continue it
+    if rest < n - 1:
+        state.reorder(torch.tensor([lanes - 1], device=device))
+        run(ids[rest:n - 1][None], ids[rest + 1:n][None])
+    model.train(was_training)
+    return float(total), count

@@ -56,6 +56,9 @@ def problems(recipe) -> list[str]:
     if pos.needs_score_mods and not kernel.supports_score_mods:
         out.append(f"model.position.kind: {position!r} needs the attention weights themselves "
                    f"(relative values or distance scaling), which only the dense kernel materialises")
+    from tfx.nn.recurrence import memory_problems
+
+    out.extend(memory_problems(recipe))
     check = getattr(kernel, "check_recipe", None)
     if check is not None:
         out.extend(f"model.attention: {msg}" for msg in check(m.attention, m))

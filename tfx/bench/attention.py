@@ -71,8 +71,6 @@ def measure_kind(kind: str, s: BenchSettings) -> list[dict]:
     device = select_device(s.device)
     dtype = torch.bfloat16 if s.dtype == "bf16" else torch.float32
     cfg = ATTENTION.config_model(kind)(**(s.params or {}).get(kind, {}))
-    kernel = ATTENTION.build(cfg, n_heads=s.heads, d_head=s.d_head, max_len=max(s.seqs)).to(device, dtype)
-    kernel.train(s.mode == "fwdbwd")
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_per_process_memory_fraction(
@@ -80,15 +78,20 @@ def measure_kind(kind: str, s: BenchSettings) -> list[dict]:
     else:
         _limit_memory(s.budget_gib)
     base = _rss_mib()
-    rows, stopped = [], None
+    rows, stopped, last = [], None, None  # last: (T, seconds per call) of the previous length
     for T in sorted(s.seqs):
         row = {"kind": kind, "T": T, "mode": s.mode, "causal": s.causal, "ms": None, "tokens_per_s": None,
                "peak_mib": None, "status": "ok"}
         rows.append(row)
+        if not stopped and last and last[1] * (T / last[0]) ** 2 > s.max_seconds:
+            stopped = f"too slow (~{last[1] * (T / last[0]) ** 2:.0f} s per call predicted, quadratic)"
         if stopped:
             row["status"] = stopped
             continue
         try:
+            # each length is the kernel's training context (Linformer's projections, BlockBERT's blocks)
+            kernel = ATTENTION.build(cfg, n_heads=s.heads, d_head=s.d_head, max_len=T).to(device, dtype)
+            kernel.train(s.mode == "fwdbwd")
             g = torch.Generator(device=device).manual_seed(0)
             q, k, v = (torch.randn(s.batch, s.heads, T, s.d_head, device=device, dtype=dtype, generator=g)
                        .requires_grad_(s.mode == "fwdbwd") for _ in range(3))
@@ -117,6 +120,7 @@ def measure_kind(kind: str, s: BenchSettings) -> list[dict]:
                     call()
                     times.append(time.perf_counter() - start)
             ms = statistics.median(times) * 1000
+            last = (T, ms / 1000)
             row.update(ms=ms, tokens_per_s=s.batch * T / (ms / 1000),
                        peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mib() - base))
             if first >= s.max_seconds:
@@ -130,7 +134,7 @@ def measure_kind(kind: str, s: BenchSettings) -> list[dict]:
             else:
                 row["status"] = f"error: {str(exc).splitlines()[0][:120]}"
         finally:
-            q = k = v = None
+            q = k = v = kernel = None
     return rows
 
 

@@ -51,6 +51,40 @@ class PackedBlocks:
             epoch, cursor = epoch + 1, 0
 
 
+class StreamBlocks:
+    """Cuts a token stream into contiguous lanes, one per batch row (Transformer-XL training).
+
+    Batch i holds segment i of every lane, so each row continues the text of the same row of
+    the batch before, and a memory can carry from step to step. Each epoch shifts the lanes by a
+    seeded offset; the first batch of an epoch has `reset` set, so the memory starts afresh.
+    Rank r of w takes rows r·B ... (r+1)·B - 1 of w·B lanes.
+    """
+
+    def __init__(self, ids: torch.Tensor, *, block: int, seed: int, rank: int = 0, world: int = 1):
+        self.ids, self.block, self.seed, self.rank, self.world = ids, block, seed, rank, world
+
+    def batches(self, batch_size: int, position: DataPosition):
+        """Yield (batch, position after it) forever, starting at `position`."""
+        epoch, cursor = position.epoch, position.cursor
+        lanes = batch_size * self.world
+        offsets = torch.arange(self.block + 1)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            shift = int(torch.randint(self.block, (1,), generator=g)) if epoch else 0
+            lane_len = (self.ids.numel() - 1 - shift) // lanes
+            segments = lane_len // self.block
+            if segments < 1:
+                raise ValueError(f"the training text has {self.ids.numel()} tokens, fewer than one segment of "
+                                 f"{self.block} per batch row ({lanes} rows); lower train.batch_size or model.context")
+            starts = shift + (torch.arange(batch_size) + self.rank * batch_size) * lane_len  # (B,)
+            while cursor < segments:
+                rows = self.ids[(starts + cursor * self.block)[:, None] + offsets[None, :]].long()  # (B, block + 1)
+                batch = {"input": rows[:, :-1], "target": rows[:, 1:], "reset": torch.tensor(cursor == 0)}
+                cursor += 1
+                yield batch, DataPosition(epoch, cursor)
+            epoch, cursor = epoch + 1, 0
+
+
 class LengthBatches:
     """Batches of examples of similar length (bucketing), by token budget or by count.
 

@@ -38,7 +38,9 @@ class LanguageModel(nn.Module):
 
     @property
     def context(self) -> int:
-        return self.cfg.context
+        """Positions a token can attend to: the training context, plus the XL memory if any
+        (generation keeps that many in its KV cache)."""
+        return self.cfg.context + self.stack.mem_len
 
     def new_state(self, batch: int, max_len: int | None = None, **kw) -> StackState:
         return self.stack.new_state(batch, max_len or self.cfg.context, **kw)
@@ -49,7 +51,10 @@ class LanguageModel(nn.Module):
         return self.head(h), state
 
     def loss(self, batch: dict, state: StackState | None = None) -> tuple[Tensor, dict, StackState | None]:
-        """Summed cross-entropy over the batch's target tokens (the loop divides by the token count)."""
+        """Summed cross-entropy over the batch's target tokens (the loop divides by the token count).
+        With an XL memory the state carries it between consecutive segments; `reset` starts afresh."""
+        if self.stack.mem_len and (state is None or bool(batch.get("reset", False))):
+            state = self.stack.new_memory()
         logits, state = self(batch["input"], state)
         return token_loss(logits, batch["target"]), {}, state
 

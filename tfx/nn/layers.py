@@ -75,14 +75,21 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
-                cache=None) -> Tensor:
+                cache=None, memory: Tensor | None = None) -> Tensor:
+        """`memory` (B, M, d_model): normalised hidden states of earlier segments (Transformer-XL),
+        whose keys and values precede the segment's; spec.k_pos then covers both."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
         q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        if memory is not None:
+            bias = self.qkv.bias[H * D:] if self.qkv.bias is not None else None
+            mk, mv = F.linear(memory, self.qkv.weight[H * D:], bias).split((Hkv * D, Hkv * D), dim=-1)
+            k, v = torch.cat([mk, k], dim=1), torch.cat([mv, v], dim=1)  # (B, M + T, Hkv * D)
+        S = k.shape[1]
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = pos.rotate(q, k, q_pos, q_pos)
+        k = k.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        q, k = pos.rotate(q, k, q_pos, spec.k_pos if memory is not None else q_pos)
         q, spec = pos.adjust(q, spec, self.layer)
         y = self.kernel.attend(q, k, v, spec, cache)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
@@ -133,8 +140,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
                 cache=None, cross_kv: tuple[Tensor, Tensor] | None = None,
-                cross_spec: AttnSpec | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache)
+                cross_spec: AttnSpec | None = None, memory: Tensor | None = None) -> Tensor:
+        memory = self.norm1(memory) if memory is not None else None
+        x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache, memory=memory)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), cross_kv, cross_spec)
         return x + self.ffn(self.norm2(x))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from tfx.nn.attention.base import AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
+from tfx.nn.recurrence import mem_len
 from tfx.nn.state import StackState
 from tfx.registry import ATTENTION, POSITION
 import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
@@ -30,6 +31,7 @@ class TransformerStack(nn.Module):
                  embed: nn.Embedding | None = None):
         super().__init__()
         self.cfg, self.causal, self.has_cross = cfg, causal, cross
+        self.mem_len = mem_len(cfg) if causal and not cross else 0
         n_layers = n_layers or cfg.n_layers
         d_head = cfg.d_head or cfg.d_model // cfg.n_heads
         n_kv = cfg.n_kv_heads or cfg.n_heads
@@ -77,6 +79,10 @@ class TransformerStack(nn.Module):
     def supports_cache(self) -> bool:
         return all(block.attn.kernel.supports_cache for block in self.blocks)
 
+    def new_memory(self) -> StackState:
+        """An empty Transformer-XL state: the first segment has no memory, later ones do."""
+        return StackState()
+
     def new_state(self, batch: int, max_len: int, *, device=None, dtype=None) -> StackState:
         """Empty generation state for `batch` rows and up to `max_len` positions: preallocated KV
         caches (or each kernel's own state), or a token history when the kernel has no cache."""
@@ -101,14 +107,16 @@ class TransformerStack(nn.Module):
                                 memory_mask=memory_mask, cross_state=state)
             return h[:, -T:], state
         B, T = tokens.shape
-        offset = state.length if state is not None else 0
+        recurrent = state is not None and self.mem_len > 0 and not state.layers  # an XL memory state
+        mems = state.memory if recurrent else None
+        offset = (state.length if state is not None else 0) + (mems[0].shape[1] if mems else 0)
         q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
         k_pos = torch.arange(0, offset + T, device=tokens.device) if offset else q_pos  # (Tk,)
         self.pos.ensure(offset + T)
         spec = AttnSpec(q_pos=q_pos, k_pos=k_pos, causal=self.causal, key_padding_mask=key_padding_mask,
                         bias=self.pos.bias(q_pos, k_pos))
         x = self.drop(self.pos.embed(self.embed(tokens), q_pos))  # (B, T, d_model)
-        caches = state.layers if state is not None else [None] * len(self.blocks)
+        caches = state.layers if state is not None and state.layers else [None] * len(self.blocks)
         cross_kvs, cross_spec = [None] * len(self.blocks), None
         if self.has_cross:
             kept = state if state is not None else cross_state
@@ -121,6 +129,12 @@ class TransformerStack(nn.Module):
             S = cross_kvs[0][0].shape[2]
             cross_spec = AttnSpec(q_pos=q_pos, k_pos=torch.arange(S, device=tokens.device), causal=False,
                                   key_padding_mask=memory_mask)
-        for block, cache, kv in zip(self.blocks, caches, cross_kvs):
-            x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv, cross_spec=cross_spec)
+        inputs = []
+        for i, (block, cache, kv) in enumerate(zip(self.blocks, caches, cross_kvs)):
+            inputs.append(x)
+            x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv, cross_spec=cross_spec,
+                      memory=mems[i] if mems else None)
+        if recurrent:  # the next segment's memory: the last mem_len inputs of each layer, gradient stopped
+            state.memory = [(torch.cat([mems[i], h], 1) if mems else h)[:, -self.mem_len:].detach()
+                            for i, h in enumerate(inputs)]
         return self.norm(x), state

@@ -55,6 +55,7 @@ class StackState:
     cross: list[tuple[Tensor, Tensor]] | None = None
     memory_mask: Tensor | None = None  # (B, S) True = a real source token
     tokens: Tensor | None = None  # (B, L) the history, for kernels without a cache (recomputed)
+    memory: list[Tensor] | None = None  # Transformer-XL: per layer, (B, M, d_model) inputs of past segments
 
     @property
     def length(self) -> int:
@@ -63,6 +64,8 @@ class StackState:
         return self.layers[0].length if self.layers else 0
 
     def reorder(self, index: Tensor) -> None:
+        if self.memory is not None:
+            self.memory = [m.index_select(0, index) for m in self.memory]
         if self.tokens is not None:
             self.tokens = self.tokens.index_select(0, index)
         for layer in self.layers:

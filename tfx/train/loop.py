@@ -21,6 +21,7 @@ import torch
 from tfx.data.batching import DataPosition
 from tfx.errors import RunError
 from tfx.nn.attention.base import aux_losses
+from tfx.nn.state import StackState
 from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.train import checkpoint as ckpt
 from tfx.train.progress import Progress
@@ -98,10 +99,14 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     metrics_path = run_dir / "metrics.jsonl"
     step, position, best = 0, DataPosition(), math.inf
+    states: list = [None] * cfg.grad_accum  # per micro-batch: an XL memory between steps, else None
     if resume:
         trainer, extra = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
         step, position, best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
         torch.set_rng_state(extra["rng_cpu"])
+        for j, memory in enumerate(extra.get("memory") or []):
+            if memory is not None and j < len(states):
+                states[j] = StackState(memory=[m.to(device) for m in memory])
         if device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"])
         trim_metrics(metrics_path, step)
@@ -127,6 +132,8 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         extra = {"rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
+        if any(s is not None and s.memory is not None for s in states):  # so a resume continues the memory
+            extra["memory"] = [[m.cpu() for m in s.memory] if s is not None and s.memory else None for s in states]
         trainer = {"step": step, "data": asdict(position), "best": best}
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra,
                              keep=cfg.keep_checkpoints)
@@ -159,9 +166,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
                 micro.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             n_tokens = sum(model.count_tokens(b) for b in micro)
             seen = sum(input_tokens(b) for b in micro) if input_tokens else n_tokens
-            for batch in micro:
+            for j, batch in enumerate(micro):
                 with autocast():
-                    loss_sum, _, _ = model.loss(batch)
+                    loss_sum, _, states[j] = model.loss(batch, states[j])  # an XL memory carries on
                 loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
                 if (aux := aux_losses(model)) is not None:  # kernels' penalties (adaptive span)
                     loss = loss + aux / len(micro)

@@ -59,7 +59,8 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, *, dropo
     mask = full_mask(spec, pattern, B)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    acc = torch.promote_types(scores.dtype, torch.float32)  # float32 at least, float64 stays
+    weights = torch.softmax(scores.to(acc), dim=-1).nan_to_num(0.0).to(q.dtype)
     weights = F.dropout(weights, dropout) if dropout else weights
     out = weights @ v  # (B, H, Tq, D)
     if spec.rel_values is not None:
