@@ -132,6 +132,8 @@ def running_sum_attention(phi_q: Tensor, psi_k: Tensor, s_k: Tensor | None, v: T
     P = Tk - Tq
     if P:  # keys before every query (a cache or memory): straight into the state
         S, z, M = _fold(psi_k[:, :, :P], None if s_k is None else s_k[:, :, :P], v[:, :, :P], S, z, M)
+    if s_k is None:  # no running scale: every chunk at once, the states before each by a cumsum
+        return _chunked_prefix_sums(phi_q, psi_k[:, :, P:], v[:, :, P:], S, z, M, chunk)
     nums, dens = [], []
     for a in range(0, Tq, chunk):
         b = min(a + chunk, Tq)
@@ -143,6 +145,30 @@ def running_sum_attention(phi_q: Tensor, psi_k: Tensor, s_k: Tensor | None, v: T
         dens.append(scores.sum(-1) + (pq @ z[:, :, None, :, None]).squeeze(-1))  # (B, G, R, C)
         S, z = S + pk.transpose(-1, -2) @ vc, z + pk.sum(-2)
     return torch.cat(nums, -2), torch.cat(dens, -1), (S, z, M)
+
+
+def _chunked_prefix_sums(phi_q, psi_k, v, S, z, M, chunk: int):
+    """The causal loop of running_sum_attention without a loop: pad T to n chunks of C, sum each
+    chunk's keys (B, G, n, m, Dv), take exclusive prefix sums over the chunks, and add the masked
+    (C, C) scores inside each chunk. Memory O(T·m + n·m·Dv)."""
+    B, G, R, T, m = phi_q.shape
+    Dv = v.shape[-1]
+    C = min(chunk, T)
+    n = -(-T // C)
+    pad = n * C - T  # zero features on padded tokens: they add nothing
+    pq = F.pad(phi_q, (0, 0, 0, pad)).view(B, G, R, n, C, m)
+    pk = F.pad(psi_k, (0, 0, 0, pad)).view(B, G, n, C, m)
+    vc = F.pad(v, (0, 0, 0, pad)).view(B, G, n, C, Dv)
+    kv = pk.transpose(-1, -2) @ vc  # (B, G, n, m, Dv): each chunk's keys and values
+    kz = pk.sum(-2)  # (B, G, n, m)
+    S_before = S[:, :, None] + kv.cumsum(2) - kv  # the state each chunk starts from
+    z_before = z[:, :, None] + kz.cumsum(2) - kz
+    scores = (pq @ pk.unsqueeze(2).transpose(-1, -2)).tril()  # (B, G, R, n, C, C) own and earlier tokens
+    num = scores @ vc.unsqueeze(2) + pq @ S_before.unsqueeze(2)  # (B, G, R, n, C, Dv)
+    den = scores.sum(-1) + (pq @ z_before.unsqueeze(2).unsqueeze(-1)).squeeze(-1)  # (B, G, R, n, C)
+    num = num.reshape(B, G, R, n * C, Dv)[..., :T, :]
+    den = den.reshape(B, G, R, n * C)[..., :T]
+    return num, den, (S + kv.sum(2), z + kz.sum(2), M)
 
 
 class KernelizedAttention(AttentionKernel):
