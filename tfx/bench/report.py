@@ -43,11 +43,13 @@ def loglog_plot(rows: list[dict], *, x: str, panels: list[tuple[str, str]], seri
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    colors = plt.get_cmap("tab20")
     for ax, (column, label) in zip(axes if len(panels) > 1 else [axes], panels):
-        for name in dict.fromkeys(r[series] for r in rows):
+        for i, name in enumerate(names):  # 20 colours and 4 markers: no two lines look alike
             pts = [(r[x], r[column]) for r in rows if r[series] == name and r.get(column)]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+                ax.plot(*zip(*pts), marker="osD^"[i % 4], color=colors(i % 20), label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(x)
