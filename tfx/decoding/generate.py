@@ -2,6 +2,9 @@
 
 When the cache reaches the model's context, the last half of the text is prefilled again at
 positions from zero (a sliding window), so any length can be generated with any position scheme.
+
+`adjust_logprobs`, when given, maps the last position's (1, V) log-probs to new ones before
+sampling (e.g. tfx.memory.knn.KNNAdjuster interpolates a kNN-LM distribution).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from tfx.decoding.sample import sample
 def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_ids: set[int] = frozenset(),
                  banned_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
-                 on_token: Callable[[int], bool] | None = None) -> list[int]:
+                 on_token: Callable[[int], bool] | None = None,
+                 adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[int]:
     """New token ids after `ids` (which must fit the context). `on_token` returning True stops."""
     context = model.context
     device = next(model.parameters()).device
@@ -27,6 +31,8 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
     banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
         last = logits[:, -1].float()  # (1, V)
+        if adjust_logprobs is not None:
+            last = adjust_logprobs(last.log_softmax(-1))
         if banned.numel():
             last[:, banned] = float("-inf")
         token = int(sample(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
@@ -48,7 +54,8 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, stop: list[str] | None = None,
                   generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None,
-                  warn: Callable[[str], None] = print) -> str:
+                  warn: Callable[[str], None] = print,
+                  adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> str:
     """Continue `prompt`; the text stops at the first `stop` string (excluded) or end of text."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
     if len(ids) > model.context:
@@ -78,7 +85,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
 
     generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  stop_ids={tokenizer.eos_id, tokenizer.bos_id}, banned_ids=(tokenizer.pad_id, tokenizer.unk_id),
-                 generator=generator, on_token=on_token)
+                 generator=generator, on_token=on_token, adjust_logprobs=adjust_logprobs)
     text = tokenizer.decode(new)
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     text = text if cut < 0 else text[:cut]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tfx.data.batching import PackedBlocks
+from tfx.data.batching import PackedBlocks, StreamBlocks
 from tfx.errors import UsageError
 from tfx.metrics import lm_metrics
 from tfx.tasks.common import Task, log, split_source
@@ -47,7 +47,8 @@ class LMTask(Task):
         valid = self.load_split(tokenizer, "valid", fetch=True)
         log(f"{train_ids.numel():,} training tokens, vocabulary {tokenizer.vocab_size}"
             + (f", {valid[0].numel():,} validation tokens" if valid else ", no validation split"))
-        blocks = PackedBlocks(train_ids, block=recipe.model.context, seed=recipe.train.seed, rank=rank, world=world)
+        kind = StreamBlocks if recipe.model.memory.kind != "none" else PackedBlocks  # XL reads lanes in order
+        blocks = kind(train_ids, block=recipe.model.context, seed=recipe.train.seed, rank=rank, world=world)
         batches = lambda pos: blocks.batches(recipe.train.batch_size, pos)  # noqa: E731
         if valid is None:
             return batches, None
@@ -56,32 +57,64 @@ class LMTask(Task):
 
     def score(self, model, ids: torch.Tensor, n_bytes: int, *, device, autocast=None, stride: int | None = None,
               max_tokens: int | None = None, batch_size: int = 32, context: int | None = None) -> dict:
-        from tfx.evaluate import score_stream
+        from tfx.evaluate import score_stream, score_stream_recurrent
 
         if max_tokens is not None and max_tokens < ids.numel() - 1:
             n_bytes = round(n_bytes * max_tokens / (ids.numel() - 1))
-        nll, count = score_stream(model, ids, context=context or self.recipe.model.context, stride=stride,
-                                  batch_size=batch_size, device=device, max_tokens=max_tokens, autocast=autocast)
+        if getattr(model.stack, "mem_len", 0):  # an XL memory reads the text in order
+            nll, count = score_stream_recurrent(model, ids, segment=context or self.recipe.model.context,
+                                                lanes=batch_size, device=device, max_tokens=max_tokens,
+                                                autocast=autocast)
+        else:
+            nll, count = score_stream(model, ids, context=context or self.recipe.model.context, stride=stride,
+                                      batch_size=batch_size, device=device, max_tokens=max_tokens,
+                                      autocast=autocast)
         return lm_metrics(nll, count, n_bytes)
 
-    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, stride: int | None = None,
-                 batch_size: int = 32, context: int | None = None, **_) -> dict:
+    def token_stream(self, tokenizer, *, split: str, data: str | None, fetch: bool = False) -> tuple[torch.Tensor, int]:
+        """(token stream, UTF-8 bytes) of a file, or else of a split; at least two tokens."""
         if data:
             ids, n_bytes = self._read(tokenizer, data, "train")
         else:
-            loaded = self.load_split(tokenizer, split)
+            loaded = self.load_split(tokenizer, split, fetch=fetch)
             if loaded is None:
                 raise UsageError(f"the recipe has no {split!r} split; give --data FILE")
             ids, n_bytes = loaded
         if ids.numel() < 2:
             raise UsageError("nothing to evaluate: the text is empty")
-        result = self.score(model, ids, n_bytes, device=device, stride=stride, batch_size=batch_size, context=context)
-        return {**result, "context": context or self.recipe.model.context}
+        return ids, n_bytes
 
-    def generate(self, model, tokenizer, prompts, *, settings: dict, generator=None, on_text=None, **_):
+    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, stride: int | None = None,
+                 batch_size: int = 32, context: int | None = None, knn=None, **_) -> dict:
+        """The LM metrics; with `knn` = (Datastore, KNNSettings), the kNN-LM's beside them under "knn"."""
+        ids, n_bytes = self.token_stream(tokenizer, split=split, data=data)
+        context = context or self.recipe.model.context
+        if knn is None:
+            result = self.score(model, ids, n_bytes, device=device, stride=stride, batch_size=batch_size,
+                                context=context)
+            return {**result, "context": context}
+        from tfx.memory.knn import knn_token_logprobs
+
+        store, settings = knn
+        lm, mixed = knn_token_logprobs(model, store, ids, settings, context=context, stride=stride,
+                                       batch_size=batch_size, device=device)
+        knn_result = {**lm_metrics(-float(mixed.sum()), mixed.numel(), n_bytes), **settings.as_dict(),
+                      "index": store.kind, "store_size": store.count}
+        return {**lm_metrics(-float(lm.sum()), lm.numel(), n_bytes), "context": context, "knn": knn_result}
+
+    def generate(self, model, tokenizer, prompts, *, settings: dict, generator=None, on_text=None, knn=None, **_):
+        """Continuations; with `knn` = (Datastore, KNNSettings) each step samples from the kNN-LM."""
+        from contextlib import nullcontext
+
         from tfx.decoding.generate import generate_text
 
         options = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop") if k in settings}
-        for prompt in prompts:
-            yield prompt, generate_text(model, tokenizer, prompt, generator=generator, on_text=on_text, warn=log,
-                                        **options)
+        adjuster = nullcontext()
+        if knn is not None:
+            from tfx.memory.knn import KNNAdjuster
+
+            adjuster = KNNAdjuster(model, *knn)
+        with adjuster as adjust_logprobs:
+            for prompt in prompts:
+                yield prompt, generate_text(model, tokenizer, prompt, generator=generator, on_text=on_text, warn=log,
+                                            adjust_logprobs=adjust_logprobs, **options)
