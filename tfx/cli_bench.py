@@ -1,0 +1,86 @@
+"""`tfx bench ...`: speed and memory measurements, as tables, JSON, CSV and plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tfx.cli import err
+from tfx.errors import UsageError
+
+bench_app = typer.Typer(help="Speed and memory: a table, --json/--csv, a plot.", no_args_is_help=True)
+
+
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise UsageError(f"{what}: expected positive integers, got {text!r}")
+    return values
+
+
+def output_format(json_out: bool, csv_out: bool) -> str:
+    if json_out and csv_out:
+        raise UsageError("--json and --csv: pick one")
+    return "json" if json_out else "csv" if csv_out else "table"
+
+
+@bench_app.command("attention")
+def bench_attention_cmd(
+    kinds: Optional[str] = typer.Option(None, help="Comma-separated kinds (default: every kind for the mode)."),
+    seq: str = typer.Option("256,1024,4096,16384", help="Sequence lengths."),
+    mode: str = typer.Option("fwdbwd", help="fwd (inference) or fwdbwd (training)."),
+    causal: bool = typer.Option(True, "--causal/--bidirectional", help="Causal masks (decoder) or not."),
+    batch: int = typer.Option(1, min=1), heads: int = typer.Option(4, min=1),
+    d_head: int = typer.Option(64, "--d-head", min=1),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    repeats: int = typer.Option(3, min=1, help="Timed calls per point (after one warm-up); the median is shown."),
+    budget: float = typer.Option(8.0, help="Memory budget per kind in GiB; beyond it a point is 'over budget'."),
+    max_seconds: float = typer.Option(60.0, help="A point slower than this per call ends that kind's sweep."),
+    param: Optional[List[str]] = typer.Option(None, help="Kernel parameter: --param local.window=128."),
+    json_out: bool = typer.Option(False, "--json", help="JSON rows on stdout."),
+    csv_out: bool = typer.Option(False, "--csv", help="CSV rows on stdout."),
+    plot: Optional[Path] = typer.Option(None, help="Write a log-log plot of time and memory against T."),
+):
+    """Time and memory of attention kernels alone (random q, k, v; B x heads x T x d_head) against
+    sequence length: median ms, tokens/s and peak memory per kind and length."""
+    from tfx.bench.attention import BenchSettings, bench_attention, kernels_for
+    from tfx.bench.report import emit, loglog_plot
+    from tfx.config import parse_value, validate_kind
+    from tfx.registry import ATTENTION
+
+    fmt = output_format(json_out, csv_out)
+    if mode not in ("fwd", "fwdbwd"):
+        raise UsageError(f"--mode {mode!r}: expected fwd or fwdbwd")
+    if dtype not in ("fp32", "bf16"):
+        raise UsageError(f"--dtype {dtype!r}: expected fp32 or bf16")
+    usable = kernels_for(causal)
+    chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else usable
+    for k in chosen:
+        if k not in ATTENTION:
+            raise UsageError(f"--kinds: {ATTENTION.unknown_message(k)}")
+        if k not in usable:
+            raise UsageError(f"--kinds: {k!r} cannot run {'causal' if causal else 'bidirectional'}")
+    params: dict = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        kind, dot, name = key.partition(".")
+        if not sep or not dot or kind not in ATTENTION:
+            raise UsageError(f"--param {item!r}: expected KIND.KEY=VALUE with a known kind")
+        params.setdefault(kind, {})[name] = parse_value(value)
+    for kind, values in params.items():
+        validate_kind(ATTENTION, {"kind": kind, **values}, f"--param {kind}")
+    settings = BenchSettings(seqs=int_list(seq, "--seq"), mode=mode, causal=causal, batch=batch, heads=heads,
+                             d_head=d_head, dtype=dtype, device=device, repeats=repeats, budget_gib=budget,
+                             max_seconds=max_seconds, params=params)
+    rows = bench_attention(chosen, settings, log=err)
+    emit(rows, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt,
+         title=f"attention {mode}, {'causal' if causal else 'bidirectional'}, B={batch} H={heads} D={d_head} {dtype}")
+    if plot is not None:
+        loglog_plot(rows, x="T", panels=[("ms", "median ms per call"), ("peak_mib", "peak MiB")], series="kind",
+                    path=plot, title=f"attention {mode} ({'causal' if causal else 'bidirectional'})")
+        err(f"plot written to {plot}")
