@@ -35,7 +35,7 @@ BAD = {
     "wrong type": ("[model]\nd_model = \"big\"\n", ["model.d_model", "integer", "'big'"]),
     "out of range": ("[train]\nsteps = 0\n", ["train.steps", "greater than 0"]),
     "unknown attention kind": ("[model.attention]\nkind = \"dens\"\n", ["model.attention.kind", "'dens'", "dense"]),
-    "unknown position kind": ("[model.position]\nkind = \"rotary\"\n", ["model.position.kind", "rope, sinusoidal"]),
+    "unknown position kind": ("[model.position]\nkind = \"rotary\"\n", ["model.position.kind", "rope, shaw, sinusoidal"]),
     "unknown kind parameter": ("[model.position]\nkind = \"rope\"\nbas = 1.0\n", ["model.position.bas", "base"]),
     "unknown tokenizer kind": ("[tokenizer]\nkind = \"wordpiece\"\n", ["tokenizer.kind", "sentencepiece"]),
     "bad literal": ("[model]\nnorm = \"batchnorm\"\n", ["model.norm", "layernorm", "rmsnorm"]),
