@@ -132,6 +132,7 @@ def import_kinds() -> None:
     """Import every module that registers a kind, so the registries are complete."""
     import tfx.data.tokenizers  # noqa: F401
     import tfx.nn.attention  # noqa: F401
+    import tfx.nn.compressive  # noqa: F401
     import tfx.nn.positions  # noqa: F401
     import tfx.nn.recurrence  # noqa: F401
     import tfx.nn.relative  # noqa: F401

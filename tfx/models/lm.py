@@ -56,7 +56,8 @@ class LanguageModel(nn.Module):
         if self.stack.mem_len and (state is None or bool(batch.get("reset", False))):
             state = self.stack.new_memory()
         logits, state = self(batch["input"], state)
-        return token_loss(logits, batch["target"]), {}, state
+        parts = {"aux_loss": state.aux_loss} if state is not None and state.aux_loss is not None else {}
+        return token_loss(logits, batch["target"]), parts, state
 
     @staticmethod
     def count_tokens(batch: dict) -> int:

@@ -95,6 +95,26 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out(y))
 
+    def content(self, x: Tensor, memory: Tensor, *, causal: bool = False) -> tuple[Tensor, Tensor]:
+        """Position-free attention of x's queries (B, T, d) over memory's keys and values (B, M, d),
+        with gradients stopped into the projections: per-head outputs (B, H, T, D) and weights
+        (B, H, T, M). `causal`: x is the last T positions of memory and sees none after its own.
+        For the Compressive Transformer's reconstruction loss and memory usage."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
+        w = self.qkv.weight.detach()
+        b = self.qkv.bias.detach() if self.qkv.bias is not None else None
+        q = F.linear(x, w[:H * D], b[:H * D] if b is not None else None).view(B, T, H, D).transpose(1, 2)
+        kv = F.linear(memory, w[H * D:], b[H * D:] if b is not None else None)
+        k, v = (t.view(B, -1, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1) for t in kv.chunk(2, -1))
+        scores = q @ k.transpose(-1, -2) / D ** 0.5  # (B, H, T, M)
+        if causal:
+            M = memory.shape[1]
+            seen = torch.arange(M, device=x.device)[None] <= torch.arange(M - T, M, device=x.device)[:, None]
+            scores = scores.masked_fill(~seen, float("-inf"))
+        probs = scores.softmax(-1)
+        return probs @ v, probs
+
 
 class CrossAttention(nn.Module):
     """Decoder-to-encoder attention (Vaswani et al., 2017): queries from the decoder, keys and

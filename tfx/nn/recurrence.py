@@ -1,4 +1,4 @@
-"""Segment-level memory kinds of `model.memory.kind` (the state lives in StackState.memory).
+"""Segment-level memory kinds of `model.memory.kind`; the state lives in StackState.
 
 - `none`: every sequence stands alone.
 - `xl`: Transformer-XL recurrence (Dai et al., 2019). Each layer keeps the hidden states that
@@ -9,10 +9,17 @@
   keeps a KV cache of context + mem_len positions, which is the same memory one token at a time.
   Positions must be relative (rope, alibi, xl, t5, shaw, da, none): memory positions precede the
   segment's, and only distances matter.
+- `compressive` (tfx/nn/compressive.py) adds a compressed memory behind the XL one.
+
+A memory kind is a module the stack owns: `memories(state)` gives each layer's memory for the next
+segment (or None), `update(state, inputs, blocks)` writes the next state from the hidden states that
+entered each layer.
 """
 from __future__ import annotations
 
+import torch
 from pydantic import Field
+from torch import Tensor, nn
 
 from tfx.registry import MEMORY, KindConfig
 
@@ -26,14 +33,39 @@ class XLMemoryConfig(KindConfig):
     mem_len: int = Field(128, gt=0)  # positions kept per layer
 
 
-MEMORY.register("none", config=NoMemoryConfig)(object)
-MEMORY.register("xl", config=XLMemoryConfig)(object)
+@MEMORY.register("none", config=NoMemoryConfig)
+class NoMemory(nn.Module):
+    mem_len = 0
+
+    def __init__(self, cfg=None, **_):
+        super().__init__()
+
+
+@MEMORY.register("xl", config=XLMemoryConfig)
+class XLMemory(nn.Module):
+    """The last mem_len inputs of each layer, gradient stopped."""
+
+    def __init__(self, cfg, **_):
+        super().__init__()
+        self.mem_len = cfg.mem_len
+
+    def memories(self, state) -> list[Tensor] | None:
+        return state.memory
+
+    def update(self, state, inputs: list[Tensor], blocks) -> None:
+        state.memory = [self.joined(state, i, h)[:, -self.mem_len:].detach() for i, h in enumerate(inputs)]
+
+    @staticmethod
+    def joined(state, i: int, h: Tensor) -> Tensor:
+        """Layer i's memory followed by the segment's inputs (B, M + T, d)."""
+        return torch.cat([state.memory[i], h], 1) if state.memory else h
+
 
 RELATIVE = ("rope", "alibi", "xl", "t5", "shaw", "da", "none")
 
 
 def mem_len(cfg) -> int:
-    """Positions of memory a stack keeps (0 without memory)."""
+    """Positions of (uncompressed) memory a stack keeps (0 without memory)."""
     memory = getattr(cfg, "memory", None)
     return getattr(memory, "mem_len", 0) if memory is not None else 0
 

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from tfx.nn.attention.base import AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
-from tfx.nn.recurrence import mem_len
 from tfx.nn.state import StackState
-from tfx.registry import ATTENTION, POSITION
+from tfx.registry import ATTENTION, MEMORY, POSITION
+import tfx.nn.compressive  # noqa: F401  (registers the compressive memory)
 import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
 
 
@@ -31,8 +31,12 @@ class TransformerStack(nn.Module):
                  embed: nn.Embedding | None = None):
         super().__init__()
         self.cfg, self.causal, self.has_cross = cfg, causal, cross
-        self.mem_len = mem_len(cfg) if causal and not cross else 0
         n_layers = n_layers or cfg.n_layers
+        memory = getattr(cfg, "memory", None)
+        recurrent = memory is not None and memory.kind != "none" and causal and not cross
+        self.recurrence = MEMORY.build(memory if recurrent else MEMORY.config_model("none")(), d_model=cfg.d_model,
+                                       n_layers=n_layers)
+        self.mem_len = self.recurrence.mem_len
         d_head = cfg.d_head or cfg.d_model // cfg.n_heads
         n_kv = cfg.n_kv_heads or cfg.n_heads
         self.n_kv_heads, self.d_head, self.n_layers = n_kv, d_head, n_layers
@@ -107,8 +111,8 @@ class TransformerStack(nn.Module):
                                 memory_mask=memory_mask, cross_state=state)
             return h[:, -T:], state
         B, T = tokens.shape
-        recurrent = state is not None and self.mem_len > 0 and not state.layers  # an XL memory state
-        mems = state.memory if recurrent else None
+        recurrent = state is not None and self.mem_len > 0 and not state.layers  # a segment memory state
+        mems = self.recurrence.memories(state) if recurrent else None
         offset = (state.length if state is not None else 0) + (mems[0].shape[1] if mems else 0)
         q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
         k_pos = torch.arange(0, offset + T, device=tokens.device) if offset else q_pos  # (Tk,)
@@ -134,7 +138,6 @@ class TransformerStack(nn.Module):
             inputs.append(x)
             x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv, cross_spec=cross_spec,
                       memory=mems[i] if mems else None)
-        if recurrent:  # the next segment's memory: the last mem_len inputs of each layer, gradient stopped
-            state.memory = [(torch.cat([mems[i], h], 1) if mems else h)[:, -self.mem_len:].detach()
-                            for i, h in enumerate(inputs)]
+        if recurrent:  # the next segment's memory, from the inputs of each layer
+            self.recurrence.update(state, inputs, self.blocks)
         return self.norm(x), state

@@ -56,6 +56,21 @@ class StackState:
     memory_mask: Tensor | None = None  # (B, S) True = a real source token
     tokens: Tensor | None = None  # (B, L) the history, for kernels without a cache (recomputed)
     memory: list[Tensor] | None = None  # Transformer-XL: per layer, (B, M, d_model) inputs of past segments
+    compressed: list[Tensor] | None = None  # Compressive Transformer: per layer, (B, Mc, d_model)
+    usage: list[Tensor] | None = None  # per layer, (B, M) attention each memory slot received (most_used)
+    aux_loss: Tensor | None = None  # a training penalty of the last segment (attention reconstruction)
+
+    CARRIED = ("memory", "compressed", "usage")  # what a resumed training run must get back
+
+    def carried(self) -> dict:
+        """The segment memory as plain CPU tensors, for a checkpoint."""
+        return {name: [t.cpu() for t in getattr(self, name)] for name in self.CARRIED if getattr(self, name)}
+
+    @classmethod
+    def restore(cls, carried: dict | list, device) -> "StackState":
+        if isinstance(carried, list):  # checkpoints before the compressive memory kept only `memory`
+            carried = {"memory": carried}
+        return cls(**{name: [t.to(device) for t in ts] for name, ts in carried.items()})
 
     @property
     def length(self) -> int:
@@ -64,8 +79,9 @@ class StackState:
         return self.layers[0].length if self.layers else 0
 
     def reorder(self, index: Tensor) -> None:
-        if self.memory is not None:
-            self.memory = [m.index_select(0, index) for m in self.memory]
+        for name in self.CARRIED:
+            if getattr(self, name) is not None:
+                setattr(self, name, [m.index_select(0, index) for m in getattr(self, name)])
         if self.tokens is not None:
             self.tokens = self.tokens.index_select(0, index)
         for layer in self.layers:

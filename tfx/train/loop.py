@@ -104,9 +104,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         trainer, extra = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
         step, position, best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
         torch.set_rng_state(extra["rng_cpu"])
-        for j, memory in enumerate(extra.get("memory") or []):
-            if memory is not None and j < len(states):
-                states[j] = StackState(memory=[m.to(device) for m in memory])
+        for j, carried in enumerate(extra.get("memory") or []):
+            if carried and j < len(states):
+                states[j] = StackState.restore(carried, device)
         if device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"])
         trim_metrics(metrics_path, step)
@@ -133,7 +133,7 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
         if any(s is not None and s.memory is not None for s in states):  # so a resume continues the memory
-            extra["memory"] = [[m.cpu() for m in s.memory] if s is not None and s.memory else None for s in states]
+            extra["memory"] = [s.carried() if s is not None else None for s in states]
         trainer = {"step": step, "data": asdict(position), "best": best}
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra,
                              keep=cfg.keep_checkpoints)
@@ -168,9 +168,11 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
             seen = sum(input_tokens(b) for b in micro) if input_tokens else n_tokens
             for j, batch in enumerate(micro):
                 with autocast():
-                    loss_sum, _, states[j] = model.loss(batch, states[j])  # an XL memory carries on
+                    loss_sum, parts, states[j] = model.loss(batch, states[j])  # a segment memory carries on
                 loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
                 if (aux := aux_losses(model)) is not None:  # kernels' penalties (adaptive span)
+                    loss = loss + aux / len(micro)
+                if (aux := parts.get("aux_loss")) is not None:  # the model's own (memory reconstruction)
                     loss = loss + aux / len(micro)
                 (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += loss_sum.detach()
