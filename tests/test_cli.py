@@ -113,6 +113,23 @@ def test_generate_greedy_stream_stop_and_long_prompt(char_run):
     assert "more than the context (32)" in long.stderr and len(long.stdout) > 0
 
 
+def test_attention_sinks_generate_and_read_past_the_context(char_run, env):
+    args = ["--temperature", "0", "--max-new-tokens", "150", "--stream-window", "12", "--sinks", "4"]
+    out = run_tfx("generate", str(char_run), "x" * 60, *args, check=True)  # prompt and text past the context 32
+    assert "more than the context" not in out.stderr and len(out.stdout) > 60
+    again = run_tfx("generate", str(char_run), "x" * 60, *args, "--stream", check=True).stdout
+    assert again == out.stdout
+    ev = json.loads(run_tfx("eval", str(char_run), "--split", "valid", "--stream-window", "12", "--max-tokens", "300",
+                            "--batch-size", "2", "--json", env=env, check=True).stdout)
+    assert ev["tokens"] == 300 and ev["sinks"] == 4 and ev["window"] == 12 and ev["lane_tokens"] == 150
+    plain = json.loads(run_tfx("eval", str(char_run), "--split", "valid", "--stream-window", "16", "--sinks", "0",
+                               "--max-tokens", "300", "--batch-size", "2", "--json", env=env, check=True).stdout)
+    assert plain["tokens"] == 300 and plain["loss"] != ev["loss"]
+    for bad in (["--sinks", "2"], ["--stream-window", "0"], ["--stream-window", "8", "--stride", "4"]):
+        proc = run_tfx("eval", str(char_run), "--split", "valid", *bad, env=env)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (bad, proc.stderr)
+
+
 def test_train_refuses_to_overwrite_a_run(char_run, env):
     proc = run_tfx("train", RECIPE, *sets(*TINY), "--out", str(char_run), env=env)
     assert proc.returncode == 2 and "--resume" in proc.stderr

@@ -210,6 +210,13 @@ def train(
               resume=str(resume) if resume else None)
 
 
+STREAM_WINDOW = typer.Option(None, "--stream-window", help="lm: attention sinks (StreamingLLM): keep only the "
+                             "first --sinks and the last W tokens in the KV cache, at positions inside the "
+                             "cache, and read or generate past the context (relative positions only).")
+SINKS = typer.Option(None, help="With --stream-window: initial tokens always kept (default 4; 0 is a "
+                     "plain sliding window).")
+
+
 @app.command("eval")
 def eval_(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
@@ -229,6 +236,9 @@ def eval_(
     knn_k: Optional[int] = typer.Option(None, "--k", "--knn-k", help="With --knn: neighbours retrieved."),
     knn_temperature: Optional[float] = typer.Option(None, "--temperature", "--knn-temperature",
                                                     help="With --knn: T in exp(-distance / T)."),
+    stream_window: Optional[int] = STREAM_WINDOW,
+    sinks: Optional[int] = SINKS,
+    max_tokens: Optional[int] = typer.Option(None, help="LM: score only the first N tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """The family's metrics on a split or a file.
@@ -248,9 +258,16 @@ def eval_(
     if beam is not None and beam <= 0:
         raise UsageError("--beam must be positive")
     knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature)
+    if max_tokens is not None and max_tokens <= 0:
+        raise UsageError("--max-tokens must be positive")
+    options = stream_options(stream_window, sinks)
+    if options and (knn or stride):
+        raise UsageError("--stream-window reads the text in order through a sink cache; it does not combine "
+                         "with --knn or --stride")
     result = run.evaluate(str(run_dir), split=split, data=str(data) if data else None, stride=stride,
                           context=context, checkpoint=checkpoint, batch_size=batch_size, beam=beam,
-                          hyp_out=str(hyp_out) if hyp_out else None, knn=knn_options)
+                          hyp_out=str(hyp_out) if hyp_out else None, knn=knn_options, max_tokens=max_tokens,
+                          **({"stream": (options["sinks"], options["stream_window"])} if options else {}))
     if json_out:
         print(json.dumps(result))
     else:
@@ -280,6 +297,17 @@ def print_result(result: dict) -> None:
     for name, row in zip(result["labels"], result["confusion"]):
         confusion.add_row(name, *map(str, row))
     console.print(confusion)
+
+
+def stream_options(window: int | None, sinks: int | None) -> dict:
+    """--stream-window/--sinks as generate settings ({} when not streaming)."""
+    if window is None:
+        if sinks is not None:
+            raise UsageError("--sinks applies to a sink cache: add --stream-window W")
+        return {}
+    if window <= 0 or (sinks is not None and sinks < 0):
+        raise UsageError("--stream-window must be positive and --sinks at least 0")
+    return {"stream_window": window, "sinks": 4 if sinks is None else sinks}
 
 
 def knn_overrides(knn: bool, lam: float | None, k: int | None, temperature: float | None) -> dict | None:
@@ -335,6 +363,8 @@ def generate(
     knn_temperature: Optional[float] = typer.Option(None, "--knn-temperature",
                                                     help="With --knn: T in exp(-distance / T) (--temperature "
                                                          "is the sampling temperature)."),
+    stream_window: Optional[int] = STREAM_WINDOW,
+    sinks: Optional[int] = SINKS,
 ):
     """Continue (lm), translate (seq2seq) or label (classifier) PROMPT, or each stdin line with '-'.
 
@@ -373,7 +403,7 @@ def generate(
     outputs = run.generate_lines(str(run_dir), prompts, checkpoint=checkpoint, seed=seed,
                                  on_text=emit if stream else None, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stops, beam=beam,
-                                 nbest=nbest, knn=knn_options)
+                                 nbest=nbest, knn=knn_options, **stream_options(stream_window, sinks))
     for prompt_text, text in outputs:
         if stream:
             emit("\n")

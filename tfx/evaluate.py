@@ -55,9 +55,10 @@ def score_stream(model, ids: torch.Tensor, *, context: int, stride: int | None =
 @torch.no_grad()
 def score_stream_recurrent(model, ids: torch.Tensor, *, segment: int, lanes: int = 32,
                            device: str | torch.device = "cpu", max_tokens: int | None = None,
-                           autocast=None) -> tuple[float, int]:
-    """score_stream for a model with an XL memory: the text as `lanes` contiguous lanes read
-    segment by segment with the memory carried, every token 1..n-1 scored once."""
+                           autocast=None, new_state=None) -> tuple[float, int]:
+    """score_stream for a model that carries a state along the text (an XL memory, or a sink
+    cache from `new_state(lanes)`): the text as `lanes` contiguous lanes read segment by segment
+    with the state carried, every token 1..n-1 scored once."""
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
     was_training = model.training
@@ -70,7 +71,7 @@ def score_stream_recurrent(model, ids: torch.Tensor, *, segment: int, lanes: int
     inputs = ids[starts + torch.arange(lane_len, device=device)]  # (lanes, lane_len)
     targets = ids[starts + 1 + torch.arange(lane_len, device=device)]
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    state = model.stack.new_memory()
+    state = new_state(lanes) if new_state is not None else model.stack.new_memory()
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
         nonlocal state, total, count

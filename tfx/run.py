@@ -116,6 +116,8 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
     from tfx.train.loop import select_device
 
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    if options.get("stream") is not None:
+        _need_lm(recipe, "--stream-window")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
     dev = select_device(device)
     model.to(dev)
@@ -137,6 +139,8 @@ def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "b
     """Yield (input line, output) per input, in order. `on_text` streams pieces as they come."""
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
     knn = options.pop("knn", None)
+    if options.get("stream_window") is not None:
+        _need_lm(recipe, "--stream-window")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
     settings = recipe.generate.model_dump()
     settings.update({k: v for k, v in options.items() if v is not None})
@@ -149,7 +153,7 @@ def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "b
 
 def _need_lm(recipe, what: str) -> None:
     if recipe.family != "lm":
-        raise UsageError(f"{what}: kNN-LM needs a decoder-only lm run, not a {recipe.family} run")
+        raise UsageError(f"{what} needs a decoder-only lm run, not a {recipe.family} run")
 
 
 def _open_knn(run_dir, recipe, overrides: dict, checkpoint: str):

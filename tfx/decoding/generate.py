@@ -20,11 +20,14 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
                  top_k: int | None = None, top_p: float | None = None, stop_ids: set[int] = frozenset(),
                  banned_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
                  on_token: Callable[[int], bool] | None = None,
-                 adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[int]:
-    """New token ids after `ids` (which must fit the context). `on_token` returning True stops."""
+                 adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 stream: tuple[int, int] | None = None) -> list[int]:
+    """New token ids after `ids` (which must fit the context). `on_token` returning True stops.
+    `stream` = (sinks, window): a sink cache (StreamingLLM) instead, any length, never recomputed."""
     context = model.context
     device = next(model.parameters()).device
-    state = model.new_state(1, context)
+    state = model.new_state(1, context) if stream is None else \
+        model.new_stream_state(1, sinks=stream[0], window=stream[1])
     history = list(ids)
     logits, state = model(torch.tensor([history], device=device), state)
     out: list[int] = []
@@ -42,7 +45,7 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
         history.append(token)
         if on_token is not None and on_token(token):
             break
-        if state.length >= context:
+        if stream is None and state.length >= context:
             keep = history[-(context // 2 or 1):]
             state = model.new_state(1, context)
             logits, state = model(torch.tensor([keep], device=device), state)
@@ -55,10 +58,12 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
                   top_k: int | None = None, top_p: float | None = None, stop: list[str] | None = None,
                   generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None,
                   warn: Callable[[str], None] = print,
-                  adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> str:
-    """Continue `prompt`; the text stops at the first `stop` string (excluded) or end of text."""
+                  adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  stream: tuple[int, int] | None = None) -> str:
+    """Continue `prompt`; the text stops at the first `stop` string (excluded) or end of text.
+    With `stream` (sinks, window) the whole prompt is read through the sink cache."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    if len(ids) > model.context:
+    if stream is None and len(ids) > model.context:
         warn(f"warning: the prompt has {len(ids)} tokens, more than the context ({model.context}); "
              f"keeping the last {model.context}")
         ids = ids[-model.context:]
@@ -85,7 +90,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
 
     generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  stop_ids={tokenizer.eos_id, tokenizer.bos_id}, banned_ids=(tokenizer.pad_id, tokenizer.unk_id),
-                 generator=generator, on_token=on_token, adjust_logprobs=adjust_logprobs)
+                 generator=generator, on_token=on_token, adjust_logprobs=adjust_logprobs, stream=stream)
     text = tokenizer.decode(new)
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     text = text if cut < 0 else text[:cut]

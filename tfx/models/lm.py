@@ -45,6 +45,10 @@ class LanguageModel(nn.Module):
     def new_state(self, batch: int, max_len: int | None = None, **kw) -> StackState:
         return self.stack.new_state(batch, max_len or self.cfg.context, **kw)
 
+    def new_stream_state(self, batch: int, *, sinks: int, window: int, **kw) -> StackState:
+        """A sink cache (StreamingLLM): the first `sinks` and the last `window` tokens, any length."""
+        return self.stack.new_stream_state(batch, sinks=sinks, window=window, **kw)
+
     def forward(self, tokens: Tensor, state: StackState | None = None) -> tuple[Tensor, StackState | None]:
         """(B, T) token ids -> (B, T, vocab) logits; the state's caches are extended in place."""
         h, state = self.stack(tokens, state=state)

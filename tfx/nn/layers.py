@@ -89,7 +89,11 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
         v = v.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-        q, k = pos.rotate(q, k, q_pos, spec.k_pos if memory is not None else q_pos)
+        every_key = memory is not None
+        if getattr(cache, "keeps_raw_keys", False):  # a sink cache: every kept key, positioned anew
+            k, v = cache.update(k, v)
+            cache, every_key = None, True
+        q, k = pos.rotate(q, k, q_pos, spec.k_pos if every_key else q_pos)
         q, spec = pos.adjust(q, spec, self.layer)
         y = self.kernel.attend(q, k, v, spec, cache)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from tfx.nn.attention.base import AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
+from tfx.nn.sinks import SinkCache, chunks_for, stream_problems
 from tfx.nn.state import StackState
 from tfx.registry import ATTENTION, MEMORY, POSITION
 import tfx.nn.compressive  # noqa: F401  (registers the compressive memory)
@@ -99,6 +100,15 @@ class TransformerStack(nn.Module):
             for block in self.blocks
         ])
 
+    def new_stream_state(self, batch: int, *, sinks: int, window: int, device=None, dtype=None) -> StackState:
+        """A StreamingLLM state (tfx/nn/sinks.py): per layer, a cache of the first `sinks` and the
+        last `window` tokens, whose positions are their cache slots."""
+        if problems := stream_problems(self):
+            raise ValueError("; ".join(problems))
+        p = self.embed.weight
+        return StackState([SinkCache(batch, self.n_kv_heads, self.d_head, sinks=sinks, window=window,
+                                     device=device or p.device, dtype=dtype or p.dtype) for _ in self.blocks])
+
     def forward(self, tokens: Tensor, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
                 memory: Tensor | None = None, memory_mask: Tensor | None = None,
                 cross_state: StackState | None = None) -> tuple[Tensor, StackState | None]:
@@ -111,9 +121,17 @@ class TransformerStack(nn.Module):
                                 memory_mask=memory_mask, cross_state=state)
             return h[:, -T:], state
         B, T = tokens.shape
+        sink = state.layers[0] if state is not None and state.layers and isinstance(state.layers[0], SinkCache) \
+            else None
+        if sink is not None and sink.length + T > sink.capacity and T > 1:  # evicting: a token at a time
+            pieces = chunks_for(sink.length, sink.capacity, T)
+            outs = [self.forward(tokens[:, a:b], state=state)[0] for a, b in pieces]
+            return torch.cat(outs, 1), state
         recurrent = state is not None and self.mem_len > 0 and not state.layers  # a segment memory state
         mems = self.recurrence.memories(state) if recurrent else None
         offset = (state.length if state is not None else 0) + (mems[0].shape[1] if mems else 0)
+        if sink is not None:  # positions are cache slots, after the eviction this call makes
+            offset = sink.start_for(T)
         q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
         k_pos = torch.arange(0, offset + T, device=tokens.device) if offset else q_pos  # (Tk,)
         self.pos.ensure(offset + T)

@@ -56,12 +56,22 @@ class LMTask(Task):
                                                                    max_tokens=recipe.train.eval_tokens)
 
     def score(self, model, ids: torch.Tensor, n_bytes: int, *, device, autocast=None, stride: int | None = None,
-              max_tokens: int | None = None, batch_size: int = 32, context: int | None = None) -> dict:
+              max_tokens: int | None = None, batch_size: int = 32, context: int | None = None,
+              stream: tuple[int, int] | None = None) -> dict:
+        """LM metrics of a token stream: windows of `context` tokens, or with a segment memory the
+        text in order; `stream` = (sinks, window) reads it in order through a sink cache."""
         from tfx.evaluate import score_stream, score_stream_recurrent
 
         if max_tokens is not None and max_tokens < ids.numel() - 1:
             n_bytes = round(n_bytes * max_tokens / (ids.numel() - 1))
-        if getattr(model.stack, "mem_len", 0):  # an XL memory reads the text in order
+        if stream is not None:
+            check_stream(model)
+            sinks, window = stream
+            nll, count = score_stream_recurrent(
+                model, ids, segment=context or self.recipe.model.context, lanes=batch_size, device=device,
+                max_tokens=max_tokens, autocast=autocast,
+                new_state=lambda b: model.new_stream_state(b, sinks=sinks, window=window))
+        elif getattr(model.stack, "mem_len", 0):  # an XL memory reads the text in order
             nll, count = score_stream_recurrent(model, ids, segment=context or self.recipe.model.context,
                                                 lanes=batch_size, device=device, max_tokens=max_tokens,
                                                 autocast=autocast)
@@ -85,13 +95,20 @@ class LMTask(Task):
         return ids, n_bytes
 
     def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, stride: int | None = None,
-                 batch_size: int = 32, context: int | None = None, knn=None, **_) -> dict:
-        """The LM metrics; with `knn` = (Datastore, KNNSettings), the kNN-LM's beside them under "knn"."""
+                 batch_size: int = 32, context: int | None = None, knn=None, stream=None,
+                 max_tokens: int | None = None, **_) -> dict:
+        """The LM metrics; with `knn` = (Datastore, KNNSettings), the kNN-LM's beside them under "knn";
+        with `stream` = (sinks, window), read as one stream per batch lane through a sink cache."""
         ids, n_bytes = self.token_stream(tokenizer, split=split, data=data)
         context = context or self.recipe.model.context
+        if stream is not None:
+            result = self.score(model, ids, n_bytes, device=device, batch_size=batch_size, context=context,
+                                stream=stream, max_tokens=max_tokens)
+            lane = (min(ids.numel(), (max_tokens or ids.numel()) + 1) - 1) // max(1, batch_size)
+            return {**result, "sinks": stream[0], "window": stream[1], "lanes": batch_size, "lane_tokens": lane}
         if knn is None:
             result = self.score(model, ids, n_bytes, device=device, stride=stride, batch_size=batch_size,
-                                context=context)
+                                context=context, max_tokens=max_tokens)
             return {**result, "context": context}
         from tfx.memory.knn import knn_token_logprobs
 
@@ -109,6 +126,9 @@ class LMTask(Task):
         from tfx.decoding.generate import generate_text
 
         options = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop") if k in settings}
+        if settings.get("stream_window"):
+            check_stream(model)
+            options["stream"] = (settings.get("sinks") or 0, settings["stream_window"])
         adjuster = nullcontext()
         if knn is not None:
             from tfx.memory.knn import KNNAdjuster
@@ -118,3 +138,11 @@ class LMTask(Task):
             for prompt in prompts:
                 yield prompt, generate_text(model, tokenizer, prompt, generator=generator, on_text=on_text, warn=log,
                                             adjust_logprobs=adjust_logprobs, **options)
+
+
+def check_stream(model) -> None:
+    """A clear error where the model cannot read through a sink cache."""
+    from tfx.nn.sinks import stream_problems
+
+    if problems := stream_problems(model.stack):
+        raise UsageError("; ".join(problems))
