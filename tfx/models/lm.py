@@ -57,7 +57,7 @@ class LanguageModel(nn.Module):
     def loss(self, batch: dict, state: StackState | None = None) -> tuple[Tensor, dict, StackState | None]:
         """Summed cross-entropy over the batch's target tokens (the loop divides by the token count).
         With an XL memory the state carries it between consecutive segments; `reset` starts afresh."""
-        if self.stack.mem_len and (state is None or bool(batch.get("reset", False))):
+        if self.stack.recurrent and (state is None or bool(batch.get("reset", False))):
             state = self.stack.new_memory()
         logits, state = self(batch["input"], state)
         parts = {"aux_loss": state.aux_loss} if state is not None and state.aux_loss is not None else {}

@@ -75,12 +75,17 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
-                cache=None, memory: Tensor | None = None) -> Tensor:
+                cache=None, memory: Tensor | None = None, recall=None) -> Tensor:
         """`memory` (B, M, d_model): normalised hidden states of earlier segments (Transformer-XL),
-        whose keys and values precede the segment's; spec.k_pos then covers both."""
+        whose keys and values precede the segment's; spec.k_pos then covers both. `recall(q, k, v, y)`
+        gets the segment's own heads before any position scheme and the kernel's output, and returns
+        the output to use (a Memorizing Transformer's kNN memory)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
         q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        if recall is not None:
+            heads = (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
+                     v.view(B, T, Hkv, D).transpose(1, 2))
         if memory is not None:
             bias = self.qkv.bias[H * D:] if self.qkv.bias is not None else None
             mk, mv = F.linear(memory, self.qkv.weight[H * D:], bias).split((Hkv * D, Hkv * D), dim=-1)
@@ -96,6 +101,8 @@ class Attention(nn.Module):
         q, k = pos.rotate(q, k, q_pos, spec.k_pos if every_key else q_pos)
         q, spec = pos.adjust(q, spec, self.layer)
         y = self.kernel.attend(q, k, v, spec, cache)  # (B, H, T, D)
+        if recall is not None:
+            y = recall(*heads, y)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out(y))
 
@@ -164,9 +171,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
                 cache=None, cross_kv: tuple[Tensor, Tensor] | None = None,
-                cross_spec: AttnSpec | None = None, memory: Tensor | None = None) -> Tensor:
+                cross_spec: AttnSpec | None = None, memory: Tensor | None = None, recall=None) -> Tensor:
         memory = self.norm1(memory) if memory is not None else None
-        x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache, memory=memory)
+        x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache, memory=memory, recall=recall)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), cross_kv, cross_spec)
         return x + self.ffn(self.norm2(x))

@@ -36,6 +36,7 @@ class XLMemoryConfig(KindConfig):
 @MEMORY.register("none", config=NoMemoryConfig)
 class NoMemory(nn.Module):
     mem_len = 0
+    carries = False
 
     def __init__(self, cfg=None, **_):
         super().__init__()
@@ -45,12 +46,18 @@ class NoMemory(nn.Module):
 class XLMemory(nn.Module):
     """The last mem_len inputs of each layer, gradient stopped."""
 
+    carries = True
+
     def __init__(self, cfg, **_):
         super().__init__()
         self.mem_len = cfg.mem_len
 
     def memories(self, state) -> list[Tensor] | None:
         return state.memory
+
+    def hooks(self, state) -> list | None:
+        """Per layer, a function (q, k, v, y) -> y the layer's attention output goes through, or None."""
+        return None
 
     def update(self, state, inputs: list[Tensor], blocks) -> None:
         state.memory = [self.joined(state, i, h)[:, -self.mem_len:].detach() for i, h in enumerate(inputs)]
@@ -77,6 +84,8 @@ def memory_problems(recipe) -> list[str]:
     out = []
     if recipe.family != "lm":
         out.append(f"model.memory.kind: {m.memory.kind!r} is for the lm family")
+    if not mem_len(m):  # no segment positions before the segment's own (a memorizing store alone)
+        return out
     if m.position.kind not in RELATIVE:
         out.append(f"model.memory.kind: {m.memory.kind!r} needs relative positions ({', '.join(RELATIVE)}); "
                    f"{m.position.kind!r} gives each segment the same absolute positions")

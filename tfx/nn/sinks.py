@@ -81,6 +81,6 @@ def stream_problems(stack) -> list[str]:
     if type(kernel).new_cache is not AttentionKernel.new_cache or not kernel.supports_cache:
         out.append(f"attention sinks keep keys and values in a cache, which {stack.cfg.attention.kind!r} "
                    f"attention does not use")
-    if stack.mem_len:
+    if stack.recurrent:
         out.append("attention sinks and a segment memory (model.memory) do not combine")
     return out

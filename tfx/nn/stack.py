@@ -18,6 +18,7 @@ from tfx.nn.sinks import SinkCache, chunks_for, stream_problems
 from tfx.nn.state import StackState
 from tfx.registry import ATTENTION, MEMORY, POSITION
 import tfx.nn.compressive  # noqa: F401  (registers the compressive memory)
+import tfx.nn.memorizing  # noqa: F401  (registers the memorizing memory)
 import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
 
 
@@ -36,8 +37,9 @@ class TransformerStack(nn.Module):
         memory = getattr(cfg, "memory", None)
         recurrent = memory is not None and memory.kind != "none" and causal and not cross
         self.recurrence = MEMORY.build(memory if recurrent else MEMORY.config_model("none")(), d_model=cfg.d_model,
-                                       n_layers=n_layers)
+                                       n_layers=n_layers, n_heads=cfg.n_heads)
         self.mem_len = self.recurrence.mem_len
+        self.recurrent = self.recurrence.carries  # a state carried from segment to segment
         d_head = cfg.d_head or cfg.d_model // cfg.n_heads
         n_kv = cfg.n_kv_heads or cfg.n_heads
         self.n_kv_heads, self.d_head, self.n_layers = n_kv, d_head, n_layers
@@ -127,8 +129,9 @@ class TransformerStack(nn.Module):
             pieces = chunks_for(sink.length, sink.capacity, T)
             outs = [self.forward(tokens[:, a:b], state=state)[0] for a, b in pieces]
             return torch.cat(outs, 1), state
-        recurrent = state is not None and self.mem_len > 0 and not state.layers  # a segment memory state
+        recurrent = state is not None and self.recurrent and not state.layers  # a segment memory state
         mems = self.recurrence.memories(state) if recurrent else None
+        hooks = self.recurrence.hooks(state) if recurrent else None
         offset = (state.length if state is not None else 0) + (mems[0].shape[1] if mems else 0)
         if sink is not None:  # positions are cache slots, after the eviction this call makes
             offset = sink.start_for(T)
@@ -155,7 +158,7 @@ class TransformerStack(nn.Module):
         for i, (block, cache, kv) in enumerate(zip(self.blocks, caches, cross_kvs)):
             inputs.append(x)
             x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv, cross_spec=cross_spec,
-                      memory=mems[i] if mems else None)
+                      memory=mems[i] if mems else None, recall=hooks[i] if hooks else None)
         if recurrent:  # the next segment's memory, from the inputs of each layer
             self.recurrence.update(state, inputs, self.blocks)
         return self.norm(x), state

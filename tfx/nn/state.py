@@ -58,9 +58,11 @@ class StackState:
     memory: list[Tensor] | None = None  # Transformer-XL: per layer, (B, M, d_model) inputs of past segments
     compressed: list[Tensor] | None = None  # Compressive Transformer: per layer, (B, Mc, d_model)
     usage: list[Tensor] | None = None  # per layer, (B, M) attention each memory slot received (most_used)
+    recall_k: list[Tensor] | None = None  # Memorizing Transformer: the store's (B, Hkv, N, D) keys
+    recall_v: list[Tensor] | None = None  # ... and values
     aux_loss: Tensor | None = None  # a training penalty of the last segment (attention reconstruction)
 
-    CARRIED = ("memory", "compressed", "usage")  # what a resumed training run must get back
+    CARRIED = ("memory", "compressed", "usage", "recall_k", "recall_v")  # what a resumed training run must get back
 
     def carried(self) -> dict:
         """The segment memory as plain CPU tensors, for a checkpoint."""

@@ -71,7 +71,7 @@ class LMTask(Task):
                 model, ids, segment=context or self.recipe.model.context, lanes=batch_size, device=device,
                 max_tokens=max_tokens, autocast=autocast,
                 new_state=lambda b: model.new_stream_state(b, sinks=sinks, window=window))
-        elif getattr(model.stack, "mem_len", 0):  # an XL memory reads the text in order
+        elif getattr(model.stack, "recurrent", False):  # a segment memory reads the text in order
             nll, count = score_stream_recurrent(model, ids, segment=context or self.recipe.model.context,
                                                 lanes=batch_size, device=device, max_tokens=max_tokens,
                                                 autocast=autocast)

@@ -132,8 +132,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         extra = {"rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
-        if any(s is not None and s.memory is not None for s in states):  # so a resume continues the memory
-            extra["memory"] = [s.carried() if s is not None else None for s in states]
+        carried = [s.carried() if s is not None else None for s in states]
+        if any(carried):  # so a resume continues the segment memory
+            extra["memory"] = carried
         trainer = {"step": step, "data": asdict(position), "best": best}
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra,
                              keep=cfg.keep_checkpoints)

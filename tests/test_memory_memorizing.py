@@ -1,0 +1,119 @@
+"""Memorizing Transformer: exact top-k retrieval, the gated mix, a bounded FIFO store of earlier
+segments only (causal), cleared with each new stream."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tfx.config import import_kinds, validate
+from tfx.models import build_model
+from tfx.nn.memorizing import knn_attention
+from tfx.nn.state import StackState
+
+import_kinds()
+V, d = 17, 16
+
+
+def model_for(position="rope", kind="dense", **memory):
+    recipe = validate({"data": {"train": "x.txt"}, "model": {
+        "d_model": d, "n_layers": 3, "n_heads": 2, "context": 8, "position": {"kind": position},
+        "attention": {"kind": kind, **({"window": 4} if kind == "local" else {})},
+        "memory": {"kind": "memorizing", "size": 12, "top_k": 4, **memory}}})
+    torch.manual_seed(0)
+    return build_model(recipe, vocab_size=V).double().eval()
+
+
+TOKENS = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(5))
+g = torch.Generator().manual_seed(0)
+
+
+def test_knn_attention_with_every_key_is_softmax_attention_and_top1_is_the_best_value():
+    q, keys, values = (torch.randn(*s, generator=g, dtype=torch.double) for s in ((2, 4, 3, 8), (2, 2, 5, 8),
+                                                                                   (2, 2, 5, 8)))
+    full = torch.softmax(q @ keys.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5, -1) \
+        @ values.repeat_interleave(2, 1)
+    torch.testing.assert_close(knn_attention(q, keys, values, top_k=5), full)
+    best = (q @ keys.repeat_interleave(2, 1).transpose(-1, -2)).argmax(-1)  # (2, 4, 3)
+    want = values.repeat_interleave(2, 1).gather(2, best[..., None].expand(-1, -1, -1, 8))
+    torch.testing.assert_close(knn_attention(q, keys, values, top_k=1), want)
+
+
+def test_recall_mixes_by_the_gate_and_stores_the_segment():
+    memory = model_for().stack.recurrence
+    with torch.no_grad():
+        memory.gate.copy_(torch.tensor([0.0, 2.0]))
+    state = StackState()
+    keys, values = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    state.recall_k, state.recall_v = [keys], [values]
+    q, k, v, y = (torch.randn(2, 2, 3, 8, generator=g) for _ in range(4))
+    out = memory.recall(state, q, k, v, y)
+    gate = torch.sigmoid(torch.tensor([0.0, 2.0]))[None, :, None, None]
+    torch.testing.assert_close(out, gate * knn_attention(q, keys, values, 4) + (1 - gate) * y)
+    assert torch.equal(state.recall_k[0], torch.cat([keys, k], 2)) and state.recall_v[0].shape == (2, 2, 9, 8)
+
+
+def segments(model, length=4):
+    state, outs = model.stack.new_memory(), []
+    for s in range(0, TOKENS.shape[1], length):
+        out, state = model(TOKENS[:, s:s + length], state)
+        outs.append(out)
+    return torch.cat(outs, 1), state
+
+
+def test_the_store_is_a_bounded_fifo_of_earlier_segments():
+    model = model_for()
+    _, state = segments(model)
+    assert state.recall_k[0].shape == (2, 2, 12, 8)  # 24 tokens seen, 12 kept per row and head
+    blk = model.stack.blocks[1]  # layer -2 of 3
+    assert model.stack.recurrence.layer == 1
+    # the kept keys are layer 1's keys (before positions) of the last 12 tokens; without an XL
+    # memory each segment runs layer 0 on its own, at positions 0..3
+    kept = []
+    for s in (12, 16, 20):
+        x = model.stack.blocks[0](model.stack.embed(TOKENS[:, s:s + 4]), **layer_args(model, 4))
+        kept.append(blk.attn.qkv(blk.norm1(x))[..., d:2 * d].view(2, 4, 2, 8).transpose(1, 2))
+    torch.testing.assert_close(state.recall_k[0], torch.cat(kept, 2), rtol=1e-10, atol=1e-10)
+
+
+def layer_args(model, T):
+    from tfx.nn.attention.base import AttnSpec
+
+    pos = torch.arange(T)
+    spec = AttnSpec(q_pos=pos, k_pos=pos, causal=True, bias=model.stack.pos.bias(pos, pos))
+    return {"pos": model.stack.pos, "spec": spec, "q_pos": pos}
+
+
+@pytest.mark.parametrize("kind, position, mem_len", [("dense", "rope", 0), ("dense", "learned", 0),
+                                                     ("local", "alibi", 4), ("dense", "xl", 4)])
+def test_no_token_sees_a_later_one(kind, position, mem_len):
+    model = model_for(position, kind, mem_len=mem_len)
+    emb = model.stack.embed(TOKENS).detach().requires_grad_(True)
+    state, outs = model.stack.new_memory(), []
+    original = model.stack.embed.forward
+    for s in range(0, 24, 4):
+        model.stack.embed.forward = lambda _, s=s: emb[:, s:s + 4]
+        out, state = model(TOKENS[:, s:s + 4], state)
+        outs.append(out)
+    model.stack.embed.forward = original
+    logits = torch.cat(outs, 1)
+    for t in (3, 9, 17):
+        grad, = torch.autograd.grad(logits[:, t].sum(), emb, retain_graph=True)
+        assert grad[:, t + 1:].abs().max() == 0 and grad[:, :t + 1].abs().max() > 0
+
+
+def test_a_new_stream_starts_with_an_empty_store():
+    model = model_for().train()
+    batch = {"input": TOKENS[:, :8], "target": TOKENS[:, 1:9], "reset": torch.tensor(False)}
+    _, _, state = model.loss(batch)
+    assert state.recall_k[0].shape[2] == 8
+    _, _, state = model.loss(batch, state)
+    assert state.recall_k[0].shape[2] == 12
+    _, _, state = model.loss({**batch, "reset": torch.tensor(True)}, state)
+    assert state.recall_k[0].shape[2] == 8
+
+
+def test_the_gate_learns():
+    model = model_for().train()
+    logits, _ = segments(model)
+    logits.sum().backward()
+    assert model.stack.recurrence.gate.grad.abs().sum() > 0

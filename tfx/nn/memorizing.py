@@ -1,0 +1,73 @@
+"""Memorizing Transformer memory (Wu et al., 2022), `model.memory.kind = "memorizing"`.
+
+One attention layer near the top (`layer`, negative counts from the top) also reads an external
+store of the (key, value) heads of earlier segments of the same stream, kept per batch row and key
+head, at most `size` pairs (FIFO: the oldest go first). Each query retrieves its `top_k` best keys
+by dot product (exact top-k over the store), attends softmax(q·k/√D) over them, and the result is
+mixed with the layer's own attention through a learned per-head gate g = sigmoid(b_h):
+y = g·y_memory + (1 − g)·y_local. Stored keys are taken before any position scheme (memory has no
+positions) and with gradients stopped; a segment's pairs enter the store after its own queries
+have read it. The store starts empty with every new stream (each epoch of training, each lane of
+a recurrent evaluation), i.e. it is cleared at the boundaries of the documents the stream reads.
+`mem_len` > 0 adds a Transformer-XL memory to every layer as well, as in the paper.
+
+Generation uses the ordinary KV cache (context + mem_len positions) without the store.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from tfx.nn.recurrence import XLMemory
+from tfx.registry import MEMORY, KindConfig
+
+
+class MemorizingConfig(KindConfig):
+    kind: str = "memorizing"
+    mem_len: int = Field(0, ge=0)  # an XL memory in every layer as well (0: none)
+    layer: int = -2  # the kNN-augmented layer; negative counts from the top
+    size: int = Field(4096, gt=0)  # (key, value) pairs kept per row and key head
+    top_k: int = Field(32, gt=0)  # keys retrieved per query
+
+
+def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int) -> Tensor:
+    """q (B, H, T, D) over a store (B, Hkv, N, D): softmax attention over each query's top_k keys."""
+    B, H, T, D = q.shape
+    keys, values = (t.repeat_interleave(H // t.shape[1], 1) for t in (keys, values))  # (B, H, N, D)
+    scores = q @ keys.transpose(-1, -2) * D ** -0.5  # (B, H, T, N)
+    best, index = scores.topk(min(top_k, keys.shape[2]), dim=-1)  # (B, H, T, k)
+    picked = values[:, :, None].expand(-1, -1, T, -1, -1).gather(3, index[..., None].expand(-1, -1, -1, -1, D))
+    return (best.softmax(-1)[..., None] * picked).sum(-2)  # (B, H, T, D)
+
+
+@MEMORY.register("memorizing", config=MemorizingConfig)
+class MemorizingMemory(XLMemory):
+    def __init__(self, cfg, *, n_layers: int, n_heads: int, **_):
+        super().__init__(cfg)
+        self.layer, self.n_layers = cfg.layer % n_layers, n_layers
+        self.size, self.top_k = cfg.size, cfg.top_k
+        self.gate = nn.Parameter(torch.zeros(n_heads))  # per-head bias b_h; g = sigmoid(b_h) starts at 1/2
+
+    def memories(self, state) -> list[Tensor] | None:
+        return state.memory if self.mem_len else None
+
+    def update(self, state, inputs: list[Tensor], blocks) -> None:
+        if self.mem_len:
+            super().update(state, inputs, blocks)
+
+    def hooks(self, state) -> list:
+        out: list = [None] * self.n_layers
+        out[self.layer] = lambda q, k, v, y: self.recall(state, q, k, v, y)
+        return out
+
+    def recall(self, state, q: Tensor, k: Tensor, v: Tensor, y: Tensor) -> Tensor:
+        """The gated mix of y (B, H, T, D) and the store's answer to q; then the segment's k, v
+        (B, Hkv, T, D) join the store."""
+        if state.recall_k:
+            keys, values = state.recall_k[0], state.recall_v[0]
+            g = torch.sigmoid(self.gate).to(y.dtype)[None, :, None, None]
+            y = g * knn_attention(q, keys.to(q.dtype), values.to(q.dtype), self.top_k) + (1 - g) * y
+            k, v = torch.cat([keys, k.detach()], 2), torch.cat([values, v.detach()], 2)
+        state.recall_k, state.recall_v = [k.detach()[:, :, -self.size:]], [v.detach()[:, :, -self.size:]]
+        return y
