@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory features on the Shakespeare character LM, at the same model size and number of steps:
 validation perplexity and training tokens/s of the base LM, Transformer-XL, the Compressive
-Transformer and the Memorizing Transformer; the base LM plus a kNN-LM whose datastore is the training set (tuned on valid,
+Transformer, the Memorizing Transformer and the Recurrent Memory Transformer; the base LM plus a kNN-LM whose datastore is the training set (tuned on valid,
 measured on test); and the attention-sinks stream table (StreamingLLM) of the base LM.
 
     python scripts/compare_memory.py [--steps 2000] [--out runs/memory] [--stream-tokens 8192]
@@ -9,7 +9,8 @@ measured on test); and the attention-sinks stream table (StreamingLLM) of the ba
 Memories are sized alike: XL keeps mem_len = context positions per layer; the compressive memory
 keeps context/2 of them plus context/2 compressed slots at rate 2 (the same 128 slots covering
 192 past positions at context 128); the memorizing layer (one, second from the top, no XL
-memory) retrieves the top 32 of the last 16 x context keys of its stream. Runs already in --out are reused, so a second call only
+memory) retrieves the top 32 of the last 16 x context keys of its stream; RMT reads and writes 16
+memory tokens per segment of context/2 tokens, backpropagating through the 2 segments of a block. Runs already in --out are reused, so a second call only
 prints the tables again.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ def variants(context: int) -> dict[str, dict]:
                         "model.memory.compression": '"conv"'},
         "memorizing": {"model.memory.kind": '"memorizing"', "model.memory.size": 16 * context,
                        "model.memory.top_k": 32},
+        "rmt": {"model.memory.kind": '"rmt"', "model.memory.tokens": 16, "model.memory.segments": 2},
     }
 
 

@@ -89,7 +89,8 @@ def test_stream_blocks_continue_each_row_and_reset_each_epoch():
 @pytest.mark.parametrize("memory", [("model.memory.kind=xl", "model.memory.mem_len=16"),
                                     ("model.memory.kind=compressive", "model.memory.mem_len=8",
                                      "model.memory.cmem_len=4", "model.memory.rate=2"),
-                                    ("model.memory.kind=memorizing", "model.memory.size=48", "model.memory.top_k=8")])
+                                    ("model.memory.kind=memorizing", "model.memory.size=48", "model.memory.top_k=8"),
+                                    ("model.memory.kind=rmt", "model.memory.tokens=4", "model.memory.segments=2")])
 def test_training_with_memory_resumes_with_the_same_losses(tmp_path, small_text, memory):
     import json
 

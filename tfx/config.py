@@ -134,6 +134,7 @@ def import_kinds() -> None:
     import tfx.nn.attention  # noqa: F401
     import tfx.nn.compressive  # noqa: F401
     import tfx.nn.memorizing  # noqa: F401
+    import tfx.nn.rmt  # noqa: F401
     import tfx.nn.positions  # noqa: F401
     import tfx.nn.recurrence  # noqa: F401
     import tfx.nn.relative  # noqa: F401

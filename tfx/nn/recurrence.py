@@ -37,6 +37,8 @@ class XLMemoryConfig(KindConfig):
 class NoMemory(nn.Module):
     mem_len = 0
     carries = False
+    wraps = False  # adds memory tokens around each segment (rmt)
+    extra_positions = 0  # positions beyond the context that a segment can take
 
     def __init__(self, cfg=None, **_):
         super().__init__()
@@ -46,7 +48,7 @@ class NoMemory(nn.Module):
 class XLMemory(nn.Module):
     """The last mem_len inputs of each layer, gradient stopped."""
 
-    carries = True
+    carries, wraps, extra_positions = True, False, 0
 
     def __init__(self, cfg, **_):
         super().__init__()

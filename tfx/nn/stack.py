@@ -19,6 +19,7 @@ from tfx.nn.state import StackState
 from tfx.registry import ATTENTION, MEMORY, POSITION
 import tfx.nn.compressive  # noqa: F401  (registers the compressive memory)
 import tfx.nn.memorizing  # noqa: F401  (registers the memorizing memory)
+import tfx.nn.rmt  # noqa: F401  (registers the recurrent memory tokens)
 import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
 
 
@@ -37,7 +38,7 @@ class TransformerStack(nn.Module):
         memory = getattr(cfg, "memory", None)
         recurrent = memory is not None and memory.kind != "none" and causal and not cross
         self.recurrence = MEMORY.build(memory if recurrent else MEMORY.config_model("none")(), d_model=cfg.d_model,
-                                       n_layers=n_layers, n_heads=cfg.n_heads)
+                                       n_layers=n_layers, n_heads=cfg.n_heads, context=cfg.context)
         self.mem_len = self.recurrence.mem_len
         self.recurrent = self.recurrence.carries  # a state carried from segment to segment
         d_head = cfg.d_head or cfg.d_model // cfg.n_heads
@@ -45,7 +46,8 @@ class TransformerStack(nn.Module):
         self.n_kv_heads, self.d_head, self.n_layers = n_kv, d_head, n_layers
         self.embed = embed if embed is not None else nn.Embedding(vocab_size, cfg.d_model)
         self.pos = POSITION.build(cfg.position, d_model=cfg.d_model, d_head=d_head, n_heads=cfg.n_heads,
-                                  max_len=cfg.context, causal=causal, n_layers=n_layers)
+                                  max_len=cfg.context + self.recurrence.extra_positions, causal=causal,
+                                  n_layers=n_layers)
         self.drop = nn.Dropout(cfg.dropout)
         d_ff = cfg.d_ff or default_d_ff(cfg.d_model, cfg.ffn)
         heads = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=d_head, bias=cfg.bias,
@@ -84,7 +86,8 @@ class TransformerStack(nn.Module):
 
     @property
     def supports_cache(self) -> bool:
-        return all(block.attn.kernel.supports_cache for block in self.blocks)
+        """Whether generation can extend per-layer caches (else it keeps the tokens and recomputes)."""
+        return all(block.attn.kernel.supports_cache for block in self.blocks) and not self.recurrence.wraps
 
     def new_memory(self) -> StackState:
         """An empty Transformer-XL state: the first segment has no memory, later ones do."""
@@ -113,9 +116,14 @@ class TransformerStack(nn.Module):
 
     def forward(self, tokens: Tensor, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
                 memory: Tensor | None = None, memory_mask: Tensor | None = None,
-                cross_state: StackState | None = None) -> tuple[Tensor, StackState | None]:
+                cross_state: StackState | None = None,
+                wrap: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, StackState | None]:
         """(B, T) tokens -> (B, T, d_model). A cross stack attends to `memory` (B, S, d_model),
-        or to the keys/values the state (or `cross_state`) kept from the first call."""
+        or to the keys/values the state (or `cross_state`) kept from the first call. `wrap` =
+        (before, after) (B, m, d_model) embeddings around the tokens' (memory tokens); the output
+        then covers them too."""
+        if self.recurrence.wraps and wrap is None and not (state is not None and state.tokens is not None):
+            return self.recurrence.run(self, tokens, state)  # memory tokens: segment by segment
         if state is not None and state.tokens is not None:  # no cache: run the whole prefix again
             state.tokens = torch.cat([state.tokens, tokens], dim=1)
             T = tokens.shape[1]
@@ -137,10 +145,16 @@ class TransformerStack(nn.Module):
             offset = sink.start_for(T)
         q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
         k_pos = torch.arange(0, offset + T, device=tokens.device) if offset else q_pos  # (Tk,)
+        if wrap is not None:  # a segment with its memory tokens, at positions from 0
+            offset, T = 0, T + 2 * wrap[0].shape[1]
+            q_pos = k_pos = torch.arange(T, device=tokens.device)
         self.pos.ensure(offset + T)
         spec = AttnSpec(q_pos=q_pos, k_pos=k_pos, causal=self.causal, key_padding_mask=key_padding_mask,
                         bias=self.pos.bias(q_pos, k_pos))
-        x = self.drop(self.pos.embed(self.embed(tokens), q_pos))  # (B, T, d_model)
+        x = self.embed(tokens)  # (B, T, d_model)
+        if wrap is not None:
+            x = torch.cat([wrap[0], x, wrap[1]], 1)
+        x = self.drop(self.pos.embed(x, q_pos))
         caches = state.layers if state is not None and state.layers else [None] * len(self.blocks)
         cross_kvs, cross_spec = [None] * len(self.blocks), None
         if self.has_cross:
