@@ -163,17 +163,17 @@ def recipe_check(paths: List[Path] = typer.Argument(..., help="Recipe files or f
 @recipe_app.command("kinds")
 def recipe_kinds(json_out: bool = typer.Option(False, "--json", help="One JSON object instead of tables.")):
     """The support matrix: every attention kind (exact? causal, bidirectional, KV cache, bias,
-    padding, complexity, the position schemes it takes) and every position scheme."""
+    padding, complexity, the position schemes it takes), every position scheme and memory kind."""
     from rich.console import Console
     from rich.table import Table
 
     from tfx.config import import_kinds
-    from tfx.kinds import attention_rows, position_rows
+    from tfx.kinds import attention_rows, memory_rows, position_rows
 
     import_kinds()
-    attn, pos = attention_rows(), position_rows()
+    attn, pos, memory = attention_rows(), position_rows(), memory_rows()
     if json_out:
-        print(json.dumps({"attention": attn, "position": pos}, indent=1))
+        print(json.dumps({"attention": attn, "position": pos, "memory": memory}, indent=1))
         return
     mark = {True: "yes", False: "-"}
     table = Table("kind", "exact", "causal", "bidir", "cache", "bias", "padding", "time", "positions", "about",
@@ -188,6 +188,10 @@ def recipe_kinds(json_out: bool = typer.Option(False, "--json", help="One JSON o
     for r in pos:
         table.add_row(r["kind"], ", ".join(r["hooks"]), mark[r["extrapolates"]],
                       ", ".join(n.removeprefix("supports_") for n in r["needs"]) or "-", r["about"])
+    console.print(table)
+    table = Table("kind", "families", "needs", "about", title="model.memory.kind")
+    for r in memory:
+        table.add_row(r["kind"], ", ".join(r["families"]), r["needs"], r["about"])
     console.print(table)
 
 

@@ -79,6 +79,13 @@ def attention_rows() -> list[dict]:
     return rows
 
 
+def memory_rows() -> list[dict]:
+    from tfx.registry import MEMORY
+
+    return [{"kind": name, "families": ["lm"] if name != "none" else ["lm", "seq2seq", "classifier", "mlm"],
+             "needs": MEMORY.get(name).needs, "about": summary(MEMORY.get(name))} for name in MEMORY.names()]
+
+
 def position_rows() -> list[dict]:
     rows = []
     for name in POSITION.names():

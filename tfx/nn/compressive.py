@@ -49,6 +49,9 @@ def frozen(module: nn.Module, x: Tensor) -> Tensor:
 
 @MEMORY.register("compressive", config=CompressiveConfig)
 class CompressiveMemory(XLMemory):
+    """Compressive Transformer (Rae et al., 2019): states leaving the XL memory are compressed
+    `rate` to 1 (max, mean, conv or most_used) into a second FIFO of cmem_len slots."""
+
     def __init__(self, cfg, *, d_model: int, n_layers: int, **_):
         super().__init__(cfg)
         self.cmem_len, self.rate, self.kind, self.recon_weight = cfg.cmem_len, cfg.rate, cfg.compression, cfg.recon_weight

@@ -43,6 +43,11 @@ def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int) -> Tensor
 
 @MEMORY.register("memorizing", config=MemorizingConfig)
 class MemorizingMemory(XLMemory):
+    """Memorizing Transformer (Wu et al., 2022): one layer retrieves the top-k (key, value) heads
+    of earlier segments of its stream and gates them with its own attention."""
+
+    needs = "with mem_len > 0: relative positions, a kernel with a KV cache"
+
     def __init__(self, cfg, *, n_layers: int, n_heads: int, **_):
         super().__init__(cfg)
         self.layer, self.n_layers = cfg.layer % n_layers, n_layers

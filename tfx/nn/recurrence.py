@@ -35,6 +35,9 @@ class XLMemoryConfig(KindConfig):
 
 @MEMORY.register("none", config=NoMemoryConfig)
 class NoMemory(nn.Module):
+    """Every sequence stands alone."""
+
+    needs = "-"
     mem_len = 0
     carries = False
     wraps = False  # adds memory tokens around each segment (rmt)
@@ -46,8 +49,10 @@ class NoMemory(nn.Module):
 
 @MEMORY.register("xl", config=XLMemoryConfig)
 class XLMemory(nn.Module):
-    """The last mem_len inputs of each layer, gradient stopped."""
+    """Transformer-XL recurrence (Dai et al., 2019): every layer also attends to the inputs it had
+    over the last mem_len positions, gradient stopped."""
 
+    needs = "relative positions, a kernel with a KV cache"
     carries, wraps, extra_positions = True, False, 0
 
     def __init__(self, cfg, **_):

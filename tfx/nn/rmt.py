@@ -28,6 +28,10 @@ class RMTConfig(KindConfig):
 
 @MEMORY.register("rmt", config=RMTConfig)
 class RecurrentMemoryTokens(nn.Module):
+    """Recurrent Memory Transformer (Bulatov et al., 2022): memory tokens read before and written
+    after each segment, backpropagated through the segments of a training block."""
+
+    needs = "-"
     mem_len, carries, wraps = 0, True, True
 
     def __init__(self, cfg, *, d_model: int, context: int, **_):
