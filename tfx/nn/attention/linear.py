@@ -135,10 +135,10 @@ def running_sum_attention(phi_q: Tensor, psi_k: Tensor, s_k: Tensor | None, v: T
     if s_k is None:  # no running scale: every chunk at once, the states before each by a cumsum
         return _chunked_prefix_sums(phi_q, psi_k[:, :, P:], v[:, :, P:], S, z, M, chunk)
     nums, dens = [], []
-    for a in range(0, Tq, chunk):
-        b = min(a + chunk, Tq)
-        pq = phi_q[..., a:b, :]  # (B, G, R, C, m)
-        pk, sk, vc = psi_k[:, :, P + a:P + b], None if s_k is None else s_k[:, :, P + a:P + b], v[:, :, P + a:P + b]
+    # split once: slicing inside the loop would cost a full-size gradient buffer per chunk (O(T²/C))
+    pieces = zip(phi_q.split(chunk, -2), psi_k[:, :, P:].split(chunk, -2), s_k[:, :, P:].split(chunk, -1),
+                 v[:, :, P:].split(chunk, -2))
+    for pq, pk, sk, vc in pieces:  # pq (B, G, R, C, m), pk (B, G, C, m), sk (B, G, C), vc (B, G, C, Dv)
         pk, S, z, M = _bring_in(pk, sk, S, z, M)  # pk (B, G, C, m) in the state's scale
         scores = (pq @ pk.unsqueeze(2).transpose(-1, -2)).tril()  # (B, G, R, C, C) own and earlier tokens
         nums.append(scores @ vc.unsqueeze(2) + pq @ S.unsqueeze(2))  # (B, G, R, C, Dv)
