@@ -37,8 +37,9 @@ def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int) -> Tensor
     keys, values = (t.repeat_interleave(H // t.shape[1], 1) for t in (keys, values))  # (B, H, N, D)
     scores = q @ keys.transpose(-1, -2) * D ** -0.5  # (B, H, T, N)
     best, index = scores.topk(min(top_k, keys.shape[2]), dim=-1)  # (B, H, T, k)
-    picked = values[:, :, None].expand(-1, -1, T, -1, -1).gather(3, index[..., None].expand(-1, -1, -1, -1, D))
-    return (best.softmax(-1)[..., None] * picked).sum(-2)  # (B, H, T, D)
+    k = index.shape[-1]
+    picked = values.gather(2, index.reshape(B, H, T * k, 1).expand(-1, -1, -1, D)).view(B, H, T, k, D)
+    return (best.softmax(-1)[..., None, :] @ picked).squeeze(-2)  # (B, H, T, D)
 
 
 @MEMORY.register("memorizing", config=MemorizingConfig)
