@@ -15,7 +15,7 @@ from conftest import REPO, TINY, run_tfx, sets
 from tfx.errors import UsageError
 from tfx.evaluate import score_stream
 from tfx.memory.datastore import Datastore, store_dir
-from tfx.memory.knn import (KeyCapture, KNNAdjuster, KNNSettings, interpolate, knn_logprobs, knn_target_logprob,
+from tfx.memory.knn import (LAMBDAS, KeyCapture, KNNAdjuster, KNNSettings, interpolate, knn_logprobs, knn_target_logprob,
                             knn_token_logprobs, scored_positions)
 
 RECIPE = str(REPO / "recipes/lm/shakespeare-char.toml")
@@ -259,7 +259,7 @@ def test_cli_build_tune_eval_generate(lm_run, texts, tmp_path, env):
     assert info["count"] == 6000 and info["index"]["kind"] == "flat" and "knn build" in proc.stderr
     proc = run_tfx("knn", "tune", str(path), "--split", "valid", env=env, check=True)
     saved = json.loads((path / "knn" / "settings.json").read_text())
-    assert {"lambda", "k", "temperature"} <= set(saved) and 0 < saved["lambda"] <= 0.5
+    assert {"lambda", "k", "temperature"} <= set(saved) and saved["lambda"] in LAMBDAS
     header, base, best = proc.stdout.splitlines()[:3]
     assert header.split()[:3] == ["lambda", "k", "temperature"]
     assert best.split()[:2] == [f"{saved['lambda']:g}", str(saved["k"])]
