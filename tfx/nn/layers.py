@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tfx.nn.dropout import Dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.positions import PositionScheme
 
@@ -43,7 +44,7 @@ class FeedForward(nn.Module):
         width = 2 * d_ff if kind == "swiglu" else d_ff  # SwiGLU: gate and value in one matmul
         self.up = nn.Linear(d_model, width, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)
@@ -72,7 +73,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * d_head, bias=bias)
         self.out = nn.Linear(n_heads * d_head, d_model, bias=bias)
         self.kernel = kernel
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
                 cache=None, memory: Tensor | None = None, recall=None) -> Tensor:
@@ -139,7 +140,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * n_kv_heads * d_head, bias=bias)
         self.out = nn.Linear(n_heads * d_head, d_model, bias=bias)
         self.kernel = kernel
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         B, S, _ = memory.shape

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from tfx.nn.dropout import Dropout
 from tfx.nn.attention.base import AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
 from tfx.nn.sinks import SinkCache, chunks_for, stream_problems
@@ -48,7 +49,7 @@ class TransformerStack(nn.Module):
         self.pos = POSITION.build(cfg.position, d_model=cfg.d_model, d_head=d_head, n_heads=cfg.n_heads,
                                   max_len=cfg.context + self.recurrence.extra_positions, causal=causal,
                                   n_layers=n_layers)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         d_ff = cfg.d_ff or default_d_ff(cfg.d_model, cfg.ffn)
         heads = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=d_head, bias=cfg.bias,
                      dropout=cfg.dropout)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from tfx.nn.dropout import dropout as fast_dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec, full_mask
 from tfx.registry import ATTENTION, KindConfig
 
@@ -85,5 +85,5 @@ class AdditiveAttention(AttentionKernel):
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)  # rows with no key: 0
         if self.training and self.dropout:
-            weights = F.dropout(weights, self.dropout)
+            weights = fast_dropout(weights, self.dropout)
         return weights @ v  # (B, H, Tq, D)

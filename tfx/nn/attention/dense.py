@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tfx.nn.dropout import dropout as fast_dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec, full_mask
 from tfx.nn.attention.span import AdaptiveSpan, SpanOptions
 from tfx.registry import ATTENTION
@@ -61,7 +62,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, *, dropo
         scores = scores.masked_fill(~mask, float("-inf"))
     acc = torch.promote_types(scores.dtype, torch.float32)  # float32 at least, float64 stays
     weights = torch.softmax(scores.to(acc), dim=-1).nan_to_num(0.0).to(q.dtype)
-    weights = F.dropout(weights, dropout) if dropout else weights
+    weights = fast_dropout(weights, dropout) if dropout else weights
     out = weights @ v  # (B, H, Tq, D)
     if spec.rel_values is not None:
         table, index = spec.rel_values  # (R, D), (Tq, Tk)

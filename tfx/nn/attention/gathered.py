@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from tfx.nn.dropout import dropout as fast_dropout
 from tfx.nn.attention.base import AttnSpec
 
 Rule = Callable[[Tensor, Tensor], Tensor]
@@ -144,7 +144,7 @@ def _part(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, part: Part, dropout: 
         weights = torch.softmax(scores.masked_fill(~mask, low), dim=-1)
         weights = weights.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         if dropout:
-            weights = F.dropout(weights, dropout)
+            weights = fast_dropout(weights, dropout)
         out = weights.to(v.dtype).view(B, Hkv, rep, G, b, K) @ vg    # (B, Hkv, rep, G, b, D)
         return out.view(B, H, G * b, D), slots
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -152,7 +152,7 @@ def _part(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, part: Part, dropout: 
     e = torch.exp(scores - mx)                                       # (B, H, G, b, K)
     total = e.sum(-1)                                                # (B, H, G, b)
     if dropout:
-        e = F.dropout(e, dropout)
+        e = fast_dropout(e, dropout)
     num = e.to(v.dtype).view(B, Hkv, rep, G, b, K) @ vg              # (B, Hkv, rep, G, b, D)
     num = num.view(B, H, G * b, D).to(acc)
     return (num, mx.view(B, H, G * b), total.view(B, H, G * b)), slots

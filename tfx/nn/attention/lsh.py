@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
+from tfx.nn.dropout import dropout as fast_dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.registry import ATTENTION, KindConfig
 
@@ -197,7 +198,7 @@ class LSHAttention(AttentionKernel):
         e = weights(scores, stab)
         z = e.sum(dim=-1)  # (B, H, R, N, c)
         if self.training and self.dropout:
-            e = F.dropout(e, self.dropout)
+            e = fast_dropout(e, self.dropout)
         num = e @ sv  # (B, H, R, N, c, D)
 
         num = num.reshape(B, H, R, Tp, D).gather(3, undo[..., None].expand(B, H, R, Tp, D)).sum(dim=2)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from tfx.nn.dropout import dropout as fast_dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.attention.lsh import gather_bias, gather_tokens, repeat_heads, weights
 from tfx.registry import ATTENTION, KindConfig
@@ -111,7 +112,7 @@ class RoutingAttention(AttentionKernel):
         e = weights(scores, stab)
         z = e.sum(dim=-1)  # (B, H, C, w)
         if self.training and self.dropout:
-            e = F.dropout(e, self.dropout)
+            e = fast_dropout(e, self.dropout)
         num = e @ sv  # (B, H, C, w, D)
         num = num.new_zeros(B, H, T, D).scatter_add(2, flat_qi[..., None].expand(B, H, -1, D),
                                                     num.reshape(B, H, -1, D))
