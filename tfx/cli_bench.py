@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from tfx.cli import err
+from tfx.cli import SET, err
 from tfx.errors import UsageError
 
 bench_app = typer.Typer(help="Speed and memory: a table, --json/--csv, a plot.", no_args_is_help=True)
@@ -84,3 +84,61 @@ def bench_attention_cmd(
         loglog_plot(rows, x="T", panels=[("ms", "median ms per call"), ("peak_mib", "peak MiB")], series="kind",
                     path=plot, title=f"attention {mode} ({'causal' if causal else 'bidirectional'})")
         err(f"plot written to {plot}")
+
+
+def _emit_row(row: dict, fmt: str, title: str) -> None:
+    """One result: a JSON object, a CSV row, or a key/value table."""
+    from tfx.bench.report import emit
+
+    if fmt == "json":
+        import json
+
+        print(json.dumps(row, indent=1))
+    elif fmt == "csv":
+        emit([row], list(row), title=title, fmt="csv")
+    else:
+        emit([{"key": k, "value": v} for k, v in row.items()], ["key", "value"], title=title)
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    recipe: Path = typer.Argument(..., help="A recipe (TOML); its data must be on disk or fetchable."),
+    overrides: Optional[List[str]] = SET,
+    steps: int = typer.Option(20, min=1, help="Timed optimizer steps."),
+    warmup: int = typer.Option(3, min=1, help="Untimed steps first (allocator, caches, autotuning)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    csv_out: bool = typer.Option(False, "--csv", help="One CSV row on stdout."),
+):
+    """Time the recipe's real training step: tokens/s, ms/step (median, min, max), the wait for
+    data, peak RSS, model FLOPs per token (counted) and MFU against a matmul ceiling measured here
+    at the same precision. Nothing is saved."""
+    from tfx.bench.train import bench_train
+
+    fmt = output_format(json_out, csv_out)
+    row = bench_train(str(recipe), overrides=list(overrides or []), steps=steps, warmup=warmup, log=err)
+    _emit_row(row, fmt, f"train step: {row['recipe']} ({row['precision']}, {row['device']})")
+
+
+@bench_app.command("generate")
+def bench_generate_cmd(
+    run: Path = typer.Argument(..., help="A trained lm run directory."),
+    batch: int = typer.Option(1, min=1, help="Prompts decoded together."),
+    prompt_len: int = typer.Option(64, "--prompt-len", min=1, help="Prompt tokens per row."),
+    new_tokens: int = typer.Option(256, "--new-tokens", min=2, help="Tokens generated per row (greedy)."),
+    repeats: int = typer.Option(3, min=1, help="Timed generations (after one warm-up); medians are shown."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast) or fp16 (GPU)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    csv_out: bool = typer.Option(False, "--csv", help="One CSV row on stdout."),
+):
+    """Prefill and decode speed of a trained LM with its KV cache: prefill tokens/s, decode tokens/s
+    and ms per token (greedy, batch B, fixed random prompts)."""
+    from tfx.bench.generate import bench_generate
+
+    fmt = output_format(json_out, csv_out)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision {precision!r}: expected fp32, bf16 or fp16")
+    row = bench_generate(str(run), batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                         precision=precision, device=device, checkpoint=checkpoint, log=err)
+    _emit_row(row, fmt, f"generate: {run} (batch {batch}, {precision}, {row['device']})")

@@ -94,6 +94,7 @@ class TrainConfig(Strict):
     save_every: int = Field(250, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
+    compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast
     optimizer: Any = None
     schedule: Any = None
 

@@ -29,7 +29,7 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
     state = model.new_state(1, context) if stream is None else \
         model.new_stream_state(1, sinks=stream[0], window=stream[1])
     history = list(ids)
-    logits, state = model(torch.tensor([history], device=device), state)
+    logits, state = model(torch.tensor([history], device=device), state, last=True)
     out: list[int] = []
     banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
@@ -48,7 +48,7 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
         if stream is None and state.length >= context:
             keep = history[-(context // 2 or 1):]
             state = model.new_state(1, context)
-            logits, state = model(torch.tensor([keep], device=device), state)
+            logits, state = model(torch.tensor([keep], device=device), state, last=True)
         else:
             logits, state = model(torch.tensor([[token]], device=device), state)
     return out

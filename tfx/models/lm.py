@@ -49,10 +49,12 @@ class LanguageModel(nn.Module):
         """A sink cache (StreamingLLM): the first `sinks` and the last `window` tokens, any length."""
         return self.stack.new_stream_state(batch, sinks=sinks, window=window, **kw)
 
-    def forward(self, tokens: Tensor, state: StackState | None = None) -> tuple[Tensor, StackState | None]:
-        """(B, T) token ids -> (B, T, vocab) logits; the state's caches are extended in place."""
+    def forward(self, tokens: Tensor, state: StackState | None = None, *,
+                last: bool = False) -> tuple[Tensor, StackState | None]:
+        """(B, T) token ids -> (B, T, vocab) logits; the state's caches are extended in place.
+        `last`: only the last position's logits, (B, 1, vocab) (a prefill needs no others)."""
         h, state = self.stack(tokens, state=state)
-        return self.head(h), state
+        return self.head(h[:, -1:] if last else h), state
 
     def loss(self, batch: dict, state: StackState | None = None) -> tuple[Tensor, dict, StackState | None]:
         """Summed cross-entropy over the batch's target tokens (the loop divides by the token count).

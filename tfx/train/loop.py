@@ -87,6 +87,54 @@ def trim_metrics(path: Path, step: int) -> None:
     ckpt.atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
+class TrainStep:
+    """One optimizer step over a list of micro-batches (gradient accumulation), shared by the
+    training loop and `tfx bench train`. Takes the data pipeline's host batches: token counts are
+    read there, before the (pinned, asynchronous) copy to the device, so the step never waits for
+    the device. Returns the detached summed loss (plus a zero-weighted gradient norm, so a NaN/inf
+    gradient shows in it), the loss tokens and the input tokens."""
+
+    def __init__(self, model, optimizer, *, cfg, autocast, scaler=None, device=None):
+        self.model, self.optimizer, self.cfg, self.autocast, self.scaler = model, optimizer, cfg, autocast, scaler
+        self.device = device or next(model.parameters()).device
+        self.input_tokens = getattr(model, "input_tokens", None)  # throughput where the loss is not per token
+        self.loss = torch.compile(model.loss) if cfg.compile else model.loss
+
+    def __call__(self, micro: list[dict], states: list) -> tuple[torch.Tensor, int, int]:
+        model, optimizer, scaler, cfg = self.model, self.optimizer, self.scaler, self.cfg
+        n_tokens = sum(model.count_tokens(b) for b in micro)
+        seen = sum(self.input_tokens(b) for b in micro) if self.input_tokens else n_tokens
+        micro = [self.to_device(b) for b in micro]
+        total = None
+        for j, batch in enumerate(micro):
+            with self.autocast():
+                loss_sum, parts, states[j] = self.loss(batch, states[j])  # a segment memory carries on
+            loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
+            if (aux := aux_losses(model)) is not None:  # kernels' penalties (adaptive span)
+                loss = loss + aux / len(micro)
+            if (aux := parts.get("aux_loss")) is not None:  # the model's own (memory reconstruction)
+                loss = loss + aux / len(micro)
+            (scaler.scale(loss) if scaler else loss).backward()
+            total = loss_sum.detach() if total is None else total + loss_sum.detach()
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            total = total + grad_norm.detach() * 0
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total, n_tokens, seen
+
+    def to_device(self, batch: dict) -> dict:
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
 def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], validate: Callable | None,
                run_dir: Path, resume: bool, log: Callable[[str], None]) -> dict:
     """Train `model` for cfg.steps optimizer steps; returns the last logged metrics."""
@@ -150,11 +198,11 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
             ckpt.save_weights(model, run_dir / "best.safetensors")
         return result
 
+    stepper = TrainStep(model, optimizer, cfg=cfg, autocast=autocast, scaler=scaler, device=device)
     it = batches(position)
     model.train()
     window_loss = torch.zeros((), device=device)
     window_tokens, window_seen, window_start, last = 0, 0, time.perf_counter(), {}
-    input_tokens = getattr(model, "input_tokens", None)  # throughput where the loss is not per token
     deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     with StopFlag() as stop, Progress(total=cfg.steps, start=step, log=log) as progress:
         while step < cfg.steps:
@@ -164,30 +212,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
             micro = []
             for _ in range(cfg.grad_accum):
                 batch, position = next(it)
-                micro.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-            n_tokens = sum(model.count_tokens(b) for b in micro)
-            seen = sum(input_tokens(b) for b in micro) if input_tokens else n_tokens
-            for j, batch in enumerate(micro):
-                with autocast():
-                    loss_sum, parts, states[j] = model.loss(batch, states[j])  # a segment memory carries on
-                loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
-                if (aux := aux_losses(model)) is not None:  # kernels' penalties (adaptive span)
-                    loss = loss + aux / len(micro)
-                if (aux := parts.get("aux_loss")) is not None:  # the model's own (memory reconstruction)
-                    loss = loss + aux / len(micro)
-                (scaler.scale(loss) if scaler else loss).backward()
-                window_loss += loss_sum.detach()
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                window_loss += grad_norm.detach() * 0  # a NaN/inf gradient shows up in the check
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                micro.append(batch)
+            loss_sum, n_tokens, seen = stepper(micro, states)
+            window_loss += loss_sum
             step += 1
             window_tokens += n_tokens
             window_seen += seen

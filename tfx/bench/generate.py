@@ -1,0 +1,79 @@
+"""`tfx bench generate RUN`: prefill and cached-decode speed of a trained LM.
+
+The prompt is B rows of P token ids drawn with a fixed seed; decoding is greedy for N new tokens
+(the prefill gives the first, then N - 1 one-token steps through the preallocated KV cache).
+Each measurement is repeated and the median is kept.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from tfx.bench.train import _sync, peak_rss_mib
+from tfx.errors import UsageError
+
+
+@torch.inference_mode()
+def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds, generated ids (B, new_tokens)) of one greedy generation."""
+    device = prompt.device
+    B, P = prompt.shape
+    state = model.new_state(B, P + new_tokens)
+    out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    with autocast():
+        logits, state = model(prompt, state, last=True)
+    out[:, 0] = logits[:, -1].argmax(-1)
+    _sync(device)
+    prefilled = time.perf_counter()
+    with autocast():
+        for i in range(1, new_tokens):
+            logits, state = model(out[:, i - 1:i], state)
+            out[:, i] = logits[:, -1].argmax(-1)
+    _sync(device)
+    return prefilled - start, time.perf_counter() - prefilled, out
+
+
+def bench_generate(run_dir: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, precision: str,
+                   device: str, checkpoint: str, log: Callable[[str], None]) -> dict:
+    from tfx.run import _need_lm, load_run
+    from tfx.train.loop import autocast_for, select_device
+
+    recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    _need_lm(recipe, "tfx bench generate")
+    if new_tokens < 2:
+        raise UsageError("--new-tokens: at least 2 (the prefill gives the first)")
+    if prompt_len + new_tokens > model.context:
+        raise UsageError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} = {prompt_len + new_tokens} "
+                         f"exceeds the model's context ({model.context})")
+    if not model.stack.supports_cache:
+        raise UsageError(f"{recipe.model.attention.kind!r} attention has no KV cache to benchmark")
+    dev = select_device(device)
+    model.to(dev)
+    autocast = autocast_for(dev, precision)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, tokenizer.vocab_size, (batch, prompt_len), generator=gen).to(dev)
+    log(f"bench generate: {run_dir}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, {dev.type} {precision}, "
+        f"1 warm-up + {repeats} timed")
+    decode_once(model, prompt, min(new_tokens, 8), autocast)  # warm-up
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        p, d, _ = decode_once(model, prompt, new_tokens, autocast)
+        prefill_s.append(p)
+        decode_s.append(d)
+    prefill, decode = statistics.median(prefill_s), statistics.median(decode_s)
+    return {
+        "run": str(run_dir), "device": dev.type, "precision": precision, "threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+        "prefill_ms": 1000 * prefill, "prefill_tokens_per_s": batch * prompt_len / prefill,
+        "decode_ms_per_token": 1000 * decode / (new_tokens - 1),
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode,
+        "tokens_per_s": batch * new_tokens / (prefill + decode),  # new tokens over the whole generation
+        "peak_rss_mib": peak_rss_mib(),
+    }

@@ -1,0 +1,148 @@
+"""`tfx bench train RECIPE`: the recipe's real training step, timed.
+
+Builds what `tfx train` builds (tokenizer, batches, model, optimizer) in a scratch directory,
+runs warm-up steps, then times each step and, apart, the wait for its batch. Model FLOPs come
+from torch's FlopCounterMode over one forward and backward pass (every matmul and attention
+kernel, so attention is counted as the model really computes it); MFU divides the achieved
+FLOP/s by a matmul ceiling measured here, on the same device and at the same precision.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CEILING_SIZE = 2048  # square matmuls for the ceiling: as large as this machine's caches reward
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device, precision: str, *, size: int = CEILING_SIZE, seconds: float = 1.0) -> float:
+    """Best FLOP/s of repeated (size x size) @ (size x size) matmuls at this precision."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_rss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024  # macOS counts bytes
+
+
+def step_flops(model, micro: list[dict], autocast) -> int:
+    """FLOPs of one forward and backward pass over the micro-batches (no optimizer update).
+    Model FLOPs, as PaLM's MFU counts them: attention over every (query, key) pair, causal or
+    not, and a backward of twice the forward (torch's own formula adds the flash kernels'
+    recomputation, and its counter misses SDPA's CPU kernel)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    forward = lambda q, k, v, *_, **__: fc.sdpa_flop_count(q, k, v)  # noqa: E731
+    backward = lambda g, q, k, v, *_, **__: 2 * fc.sdpa_flop_count(q, k, v)  # noqa: E731  (no recompute)
+    mapping = {}
+    for op in ("flash_attention", "efficient_attention", "cudnn_attention", "flash_attention_for_cpu"):
+        if hasattr(aten, f"_scaled_dot_product_{op}"):
+            mapping[getattr(aten, f"_scaled_dot_product_{op}")] = forward
+            mapping[getattr(aten, f"_scaled_dot_product_{op}_backward")] = backward
+    counter = fc.FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter:
+        for batch in micro:
+            with autocast():
+                loss, _, _ = model.loss(batch)
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: int,
+                log: Callable[[str], None]) -> dict:
+    """Time `steps` training steps after `warmup` untimed ones; returns one result row."""
+    from tfx import config as C
+    from tfx.data.batching import DataPosition
+    from tfx.models import build_model
+    from tfx.registry import OPTIMIZER
+    from tfx.run import _new_tokenizer
+    from tfx.tasks import get_task
+    from tfx.train.loop import TrainStep, autocast_for, select_device
+
+    recipe = C.load_recipe(recipe_path, overrides)
+    cfg = recipe.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    autocast = autocast_for(device, cfg.precision)
+    with tempfile.TemporaryDirectory(prefix="tfx-bench-") as scratch:
+        run_dir = Path(scratch)
+        task = get_task(recipe, run_dir)
+        tokenizer = _new_tokenizer(recipe, task, run_dir)
+        batches, _ = task.prepare(tokenizer, rank=0, world=1, run_dir=run_dir)
+        torch.manual_seed(cfg.seed)
+        model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir).to(device)
+        optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
+        scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        stepper = TrainStep(model, optimizer, cfg=cfg, autocast=autocast, scaler=scaler, device=device)
+        it = batches(DataPosition())
+        states: list = [None] * cfg.grad_accum
+        model.train()
+
+        def next_micro() -> list[dict]:
+            return [next(it)[0] for _ in range(cfg.grad_accum)]
+
+        log(f"bench train: {recipe.name} ({recipe.family}), "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, {device.type} {cfg.precision}, "
+            f"{warmup} warm-up + {steps} timed steps")
+        micro = next_micro()
+        flops = step_flops(model, [stepper.to_device(b) for b in micro], autocast)
+        flop_tokens = stepper(micro, states)[2]  # the counted batch, trained on as the first warm-up step
+        for _ in range(max(0, warmup - 1)):
+            stepper(next_micro(), states)
+        _sync(device)
+        step_s, data_s, tokens, losses = [], [], 0, []
+        for i in range(steps):
+            start = time.perf_counter()
+            micro = next_micro()
+            fetched = time.perf_counter()
+            loss_sum, n_tokens, seen = stepper(micro, states)
+            _sync(device)
+            end = time.perf_counter()
+            step_s.append(end - start)
+            data_s.append(fetched - start)
+            tokens += seen
+            losses.append(float(loss_sum) / n_tokens)  # after the clock: the bench's own host sync
+            if (i + 1) % max(1, steps // 5) == 0:
+                log(f"bench train: step {i + 1}/{steps}, {1000 * statistics.median(step_s):.0f} ms/step")
+        ceiling = matmul_ceiling(device, cfg.precision)
+    elapsed = sum(step_s)
+    tokens_per_s = tokens / elapsed
+    flops_per_token = flops / flop_tokens
+    return {
+        "recipe": recipe.name, "family": recipe.family, "device": device.type, "precision": cfg.precision,
+        "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_step": tokens / steps, "tokens_per_s": tokens_per_s,
+        "ms_per_step": 1000 * statistics.median(step_s), "ms_min": 1000 * min(step_s), "ms_max": 1000 * max(step_s),
+        "data_ms": 1000 * statistics.mean(data_s), "data_frac": sum(data_s) / elapsed,
+        "flops_per_token": flops_per_token, "achieved_flops": flops_per_token * tokens_per_s,
+        "ceiling_flops": ceiling, "mfu": flops_per_token * tokens_per_s / ceiling,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_device_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+        "first_loss": losses[0], "last_loss": losses[-1],
+    }
