@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tfx.bench.generate import decode_once  # noqa: E402
+from tfx.decoding.generate import decode_step  # noqa: E402
 from tfx.run import load_run  # noqa: E402
 
 
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="tfx decodes through torch.compile (generate.compile)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
 
@@ -95,9 +97,11 @@ def main() -> None:
                               pad_token_id=0)
             return time.perf_counter() - start, out[0, args.prompt_len:].tolist()
 
+    step = decode_step(model, args.compile)
+
     def run_tfx():
         start = time.perf_counter()
-        _, _, out = decode_once(model, prompt, args.new_tokens, contextlib.nullcontext)
+        _, _, out = decode_once(model, prompt, args.new_tokens, contextlib.nullcontext, step)
         return time.perf_counter() - start, out[0].tolist()
 
     run_hf(), run_tfx()  # warm-up
@@ -111,6 +115,7 @@ def main() -> None:
               f"tfx {args.new_tokens / times['tfx'][-1]:,.0f} tok/s", file=sys.stderr)
     rate = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
     result = {"new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "threads": torch.get_num_threads(),
+              "tfx_compile": args.compile,
               "hf_tokens_per_s": rate["hf"], "tfx_tokens_per_s": rate["tfx"], "ratio": rate["tfx"] / rate["hf"],
               "same_tokens": texts["hf"] == texts["tfx"], "max_logit_gap": gap}
     if args.json:

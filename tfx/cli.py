@@ -359,6 +359,8 @@ def generate(
     beam: Optional[int] = typer.Option(None, help="seq2seq: beam size (1 = greedy)."),
     nbest: Optional[int] = typer.Option(None, help="seq2seq: print the n best (text<TAB>score ...)."),
     checkpoint: str = typer.Option("best", help="best or last."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="lm: torch.compile the decode step "
+                                           "(about 30 s once, then faster; default: the recipe's generate.compile)."),
     knn: bool = typer.Option(False, "--knn", help="lm: sample from the kNN-LM (the run's datastore and tuned "
                              "settings) instead of the LM alone."),
     knn_lambda: Optional[float] = typer.Option(None, "--lambda", "--knn-lambda", help="With --knn: weight of "
@@ -407,7 +409,8 @@ def generate(
     outputs = run.generate_lines(str(run_dir), prompts, checkpoint=checkpoint, seed=seed,
                                  on_text=emit if stream else None, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stops, beam=beam,
-                                 nbest=nbest, knn=knn_options, **stream_options(stream_window, sinks))
+                                 nbest=nbest, compile=compile, knn=knn_options,
+                                 **stream_options(stream_window, sinks))
     for prompt_text, text in outputs:
         if stream:
             emit("\n")

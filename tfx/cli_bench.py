@@ -129,6 +129,8 @@ def bench_generate_cmd(
     precision: str = typer.Option("fp32", help="fp32, bf16 (autocast) or fp16 (GPU)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     checkpoint: str = typer.Option("best", help="best or last."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the decode step (default: the recipe's generate.compile)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
     csv_out: bool = typer.Option(False, "--csv", help="One CSV row on stdout."),
 ):
@@ -140,5 +142,6 @@ def bench_generate_cmd(
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision!r}: expected fp32, bf16 or fp16")
     row = bench_generate(str(run), batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                         precision=precision, device=device, checkpoint=checkpoint, log=err)
+                         precision=precision, device=device, checkpoint=checkpoint, log=err,
+                         compile=compile)
     _emit_row(row, fmt, f"generate: {run} (batch {batch}, {precision}, {row['device']})")

@@ -17,8 +17,11 @@ from tfx.errors import UsageError
 
 
 @torch.inference_mode()
-def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds, generated ids (B, new_tokens)) of one greedy generation."""
+def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast,
+                step=None) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds, generated ids (B, new_tokens)) of one greedy generation;
+    `step` makes the one-token calls (default: the model)."""
+    step = step or model
     device = prompt.device
     B, P = prompt.shape
     state = model.new_state(B, P + new_tokens)
@@ -32,14 +35,15 @@ def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast) -> tuple
     prefilled = time.perf_counter()
     with autocast():
         for i in range(1, new_tokens):
-            logits, state = model(out[:, i - 1:i], state)
+            logits, state = step(out[:, i - 1:i], state)
             out[:, i] = logits[:, -1].argmax(-1)
     _sync(device)
     return prefilled - start, time.perf_counter() - prefilled, out
 
 
 def bench_generate(run_dir: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, precision: str,
-                   device: str, checkpoint: str, log: Callable[[str], None]) -> dict:
+                   device: str, checkpoint: str, log: Callable[[str], None], compile: bool | None = None) -> dict:
+    from tfx.decoding.generate import decode_step
     from tfx.run import _need_lm, load_run
     from tfx.train.loop import autocast_for, select_device
 
@@ -60,15 +64,18 @@ def bench_generate(run_dir: str, *, batch: int, prompt_len: int, new_tokens: int
     log(f"bench generate: {run_dir}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, {dev.type} {precision}, "
         f"1 warm-up + {repeats} timed")
-    decode_once(model, prompt, min(new_tokens, 8), autocast)  # warm-up
+    compile = recipe.generate.compile if compile is None else compile
+    step = decode_step(model, compile)
+    decode_once(model, prompt, new_tokens if compile else min(new_tokens, 8), autocast, step)  # warm-up, compile
     prefill_s, decode_s = [], []
     for _ in range(repeats):
-        p, d, _ = decode_once(model, prompt, new_tokens, autocast)
+        p, d, _ = decode_once(model, prompt, new_tokens, autocast, step)
         prefill_s.append(p)
         decode_s.append(d)
     prefill, decode = statistics.median(prefill_s), statistics.median(decode_s)
     return {
-        "run": str(run_dir), "device": dev.type, "precision": precision, "threads": torch.get_num_threads(),
+        "run": str(run_dir), "device": dev.type, "precision": precision, "compile": compile,
+        "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
         "prefill_ms": 1000 * prefill, "prefill_tokens_per_s": batch * prompt_len / prefill,

@@ -15,19 +15,28 @@ import torch
 from tfx.decoding.sample import sample
 
 
+def decode_step(model, compiled: bool = False) -> Callable:
+    """What one-token decode steps call: the model, or with `compiled` the model through
+    torch.compile with dynamic shapes (one graph for every cache length; torch keeps it for the
+    process, so later prompts reuse it). Prefills and re-prefills stay eager."""
+    return torch.compile(model, dynamic=True) if compiled else model
+
+
 @torch.inference_mode()
 def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_ids: set[int] = frozenset(),
                  banned_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
                  on_token: Callable[[int], bool] | None = None,
                  adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 stream: tuple[int, int] | None = None) -> list[int]:
+                 stream: tuple[int, int] | None = None, compile: bool = False) -> list[int]:
     """New token ids after `ids` (which must fit the context). `on_token` returning True stops.
-    `stream` = (sinks, window): a sink cache (StreamingLLM) instead, any length, never recomputed."""
+    `stream` = (sinks, window): a sink cache (StreamingLLM) instead, any length, never recomputed.
+    `compile`: one-token steps through torch.compile (decode_step)."""
     context = model.context
     device = next(model.parameters()).device
     state = model.new_state(1, context) if stream is None else \
         model.new_stream_state(1, sinks=stream[0], window=stream[1])
+    step = decode_step(model, compile)
     history = list(ids)
     logits, state = model(torch.tensor([history], device=device), state, last=True)
     out: list[int] = []
@@ -50,7 +59,7 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
             state = model.new_state(1, context)
             logits, state = model(torch.tensor([keep], device=device), state, last=True)
         else:
-            logits, state = model(torch.tensor([[token]], device=device), state)
+            logits, state = step(torch.tensor([[token]], device=device), state)
     return out
 
 
@@ -59,7 +68,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
                   generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None,
                   warn: Callable[[str], None] = print,
                   adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  stream: tuple[int, int] | None = None) -> str:
+                  stream: tuple[int, int] | None = None, compile: bool = False) -> str:
     """Continue `prompt`; the text stops at the first `stop` string (excluded) or end of text.
     With `stream` (sinks, window) the whole prompt is read through the sink cache."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
@@ -90,7 +99,8 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
 
     generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  stop_ids={tokenizer.eos_id, tokenizer.bos_id}, banned_ids=(tokenizer.pad_id, tokenizer.unk_id),
-                 generator=generator, on_token=on_token, adjust_logprobs=adjust_logprobs, stream=stream)
+                 generator=generator, on_token=on_token, adjust_logprobs=adjust_logprobs, stream=stream,
+                 compile=compile)
     text = tokenizer.decode(new)
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     text = text if cut < 0 else text[:cut]

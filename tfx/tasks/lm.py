@@ -125,7 +125,8 @@ class LMTask(Task):
 
         from tfx.decoding.generate import generate_text
 
-        options = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop") if k in settings}
+        options = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "compile")
+                   if k in settings}
         if settings.get("stream_window"):
             check_stream(model)
             options["stream"] = (settings.get("sinks") or 0, settings["stream_window"])
