@@ -21,7 +21,7 @@ def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast,
                 step=None) -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds, generated ids (B, new_tokens)) of one greedy generation;
     `step` makes the one-token calls (default: the model)."""
-    step = step or model
+    step = step if step is not None else model
     device = prompt.device
     B, P = prompt.shape
     state = model.new_state(B, P + new_tokens)
