@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from tfx.bench.train import _sync, peak_rss_mib
+from tfx.bench.train import sync_device, peak_rss_mib
 from tfx.errors import UsageError
 
 
@@ -26,18 +26,18 @@ def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast,
     B, P = prompt.shape
     state = model.new_state(B, P + new_tokens)
     out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     with autocast():
         logits, state = model(prompt, state, last=True)
     out[:, 0] = logits[:, -1].argmax(-1)
-    _sync(device)
+    sync_device(device)
     prefilled = time.perf_counter()
     with autocast():
         for i in range(1, new_tokens):
             logits, state = step(out[:, i - 1:i], state)
             out[:, i] = logits[:, -1].argmax(-1)
-    _sync(device)
+    sync_device(device)
     return prefilled - start, time.perf_counter() - prefilled, out
 
 

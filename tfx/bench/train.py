@@ -3,7 +3,7 @@
 Builds what `tfx train` builds (tokenizer, batches, model, optimizer) in a scratch directory,
 runs warm-up steps, then times each step and, apart, the wait for its batch. Model FLOPs come
 from torch's FlopCounterMode over one forward and backward pass (every matmul and attention
-kernel, so attention is counted as the model really computes it); MFU divides the achieved
+kernel, attention counted as PaLM's MFU counts it: see step_flops); MFU divides the achieved
 FLOP/s by a matmul ceiling measured here, on the same device and at the same precision.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 CEILING_SIZE = 2048  # square matmuls for the ceiling: as large as this machine's caches reward
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -32,12 +32,12 @@ def matmul_ceiling(device: torch.device, precision: str, *, size: int = CEILING_
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync_device(device)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
-        _sync(device)
+        sync_device(device)
         best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
     return best
 
@@ -114,14 +114,14 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
         flop_tokens = stepper(micro, states)[2]  # the counted batch, trained on as the first warm-up step
         for _ in range(max(0, warmup - 1)):
             stepper(next_micro(), states)
-        _sync(device)
+        sync_device(device)
         step_s, data_s, tokens, losses = [], [], 0, []
         for i in range(steps):
             start = time.perf_counter()
             micro = next_micro()
             fetched = time.perf_counter()
             loss_sum, n_tokens, seen = stepper(micro, states)
-            _sync(device)
+            sync_device(device)
             end = time.perf_counter()
             step_s.append(end - start)
             data_s.append(fetched - start)
