@@ -40,6 +40,10 @@ def test_eval_mode_zero_p_and_module():
     assert layer(x) is x
     assert dropout(x, 0.0) is x
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    torch.manual_seed(3)
+    assert (dropout(x, 1 - 1e-7) == 0).all()  # rounds to 1 on the 2^-16 grid: torch's exact dropout instead
+    kept = dropout(torch.ones(100), 1e-6)  # rounds to 0 on the grid: still dropout, scaled by 1 / (1 - p)
+    assert torch.allclose(kept, torch.full((100,), 1 / (1 - 1e-6)), rtol=0, atol=2e-7) and (kept > 1).all()
     with pytest.raises(ValueError):
         Dropout(1.5)
 
