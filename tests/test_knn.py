@@ -257,9 +257,9 @@ def test_cli_build_tune_eval_generate(lm_run, texts, tmp_path, env):
     proc = run_tfx("knn", "build", str(path), "--data", str(texts["store"]), env=env, check=True)
     info = json.loads(proc.stdout)
     assert info["count"] == 6000 and info["index"]["kind"] == "flat" and "knn build" in proc.stderr
-    proc = run_tfx("knn", "tune", str(path), "--split", "valid", env=env, check=True)
+    proc = run_tfx("knn", "tune", str(path), "--split", "valid", "--stride", "16", env=env, check=True)
     saved = json.loads((path / "knn" / "settings.json").read_text())
-    assert {"lambda", "k", "temperature"} <= set(saved) and saved["lambda"] in LAMBDAS
+    assert {"lambda", "k", "temperature"} <= set(saved) and saved["lambda"] in LAMBDAS and saved["stride"] == 16
     header, base, best = proc.stdout.splitlines()[:3]
     assert header.split()[:3] == ["lambda", "k", "temperature"]
     assert best.split()[:2] == [f"{saved['lambda']:g}", str(saved["k"])]

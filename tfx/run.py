@@ -223,7 +223,7 @@ def knn_build(run_dir: str, *, split: str | None = "train", data: str | None = N
 
 def knn_tune(run_dir: str, *, split: str = "valid", data: str | None = None, checkpoint: str = "best",
              device: str = "auto", max_tokens: int | None = 100_000, nprobe: int | None = None,
-             batch_size: int = 32) -> dict:
+             stride: int | None = None, batch_size: int = 32) -> dict:
     """Grid search of the interpolation on a text; saves the best to RUN/knn/settings.json."""
     from tfx.memory.datastore import Datastore
     from tfx.memory.knn import tune
@@ -241,12 +241,13 @@ def knn_tune(run_dir: str, *, split: str = "valid", data: str | None = None, che
             "overfit (use a held-out split)")
     dev = select_device(device)
     model.to(dev)
-    result = tune(model, store, ids, context=recipe.model.context, batch_size=batch_size, device=dev,
-                  max_tokens=max_tokens, nprobe=nprobe, log=log)
+    result = tune(model, store, ids, context=recipe.model.context, stride=stride, batch_size=batch_size,
+                  device=dev, max_tokens=max_tokens, nprobe=nprobe, log=log)
     best = result["grid"][0]
     saved = {"lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"], "nprobe": nprobe,
              "perplexity": best["perplexity"], "base_perplexity": result["base"]["perplexity"],
-             "tokens": result["tokens"], "source": source}
+             "tokens": result["tokens"], "stride": min(stride or recipe.model.context, recipe.model.context),
+             "source": source}
     result["saved"] = str(store.save_settings(saved))
     return result
 
