@@ -265,8 +265,9 @@ def test_cli_build_tune_eval_generate(lm_run, texts, tmp_path, env):
     assert best.split()[:2] == [f"{saved['lambda']:g}", str(saved["k"])]
     proc = run_tfx("eval", str(path), "--knn", "--data", str(texts["store"]), "--json", env=env, check=True)
     result = json.loads(proc.stdout)
-    assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(result) <= set(result["knn"]) | {"split",
-                                                                                                       "context", "knn"}
+    assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(result) <= set(result["knn"]) | {
+        "split", "context", "stride", "knn"}
+    assert result["stride"] == 16  # the windows the settings were tuned with, without --stride
     assert result["knn"]["perplexity"] < result["perplexity"] and result["knn"]["lambda"] == saved["lambda"]
     proc = run_tfx("generate", str(path), "--knn", "-", "--max-new-tokens", "20", "--seed", "1", input="ROMEO:\n",
                    env=env, check=True)

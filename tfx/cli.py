@@ -226,7 +226,8 @@ def eval_(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     split: str = typer.Option("test", help="valid or test split of the recipe's data."),
     data: Optional[Path] = typer.Option(None, help="Evaluate this file instead of a split."),
-    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: the window)."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: the window; with --knn, "
+                                         "the stride tfx knn tune used)."),
     context: Optional[int] = typer.Option(None, help="LM: window length in tokens (default: the training "
                                           "context); longer windows measure length extrapolation."),
     checkpoint: str = typer.Option("best", help="best or last."),

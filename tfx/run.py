@@ -119,6 +119,8 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
     if options.get("stream") is not None:
         _need_lm(recipe, "--stream-window")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
+    if knn_pair is not None and options.get("stride") is None:
+        options["stride"] = (knn_pair[0].saved_settings() or {}).get("stride")  # the windows it was tuned on
     dev = select_device(device)
     model.to(dev)
     result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, run_dir=run_dir,

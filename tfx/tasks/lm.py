@@ -117,7 +117,8 @@ class LMTask(Task):
                                        batch_size=batch_size, device=device)
         knn_result = {**lm_metrics(-float(mixed.sum()), mixed.numel(), n_bytes), **settings.as_dict(),
                       "index": store.kind, "store_size": store.count}
-        return {**lm_metrics(-float(lm.sum()), lm.numel(), n_bytes), "context": context, "knn": knn_result}
+        return {**lm_metrics(-float(lm.sum()), lm.numel(), n_bytes), "context": context,
+                "stride": min(stride or context, context), "knn": knn_result}
 
     def generate(self, model, tokenizer, prompts, *, settings: dict, generator=None, on_text=None, knn=None, **_):
         """Continuations; with `knn` = (Datastore, KNNSettings) each step samples from the kNN-LM."""
