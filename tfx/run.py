@@ -133,7 +133,7 @@ def learned_spans(model) -> list[list[float]]:
     """Adaptive attention spans in tokens, one list of heads per layer (empty without the option)."""
     from tfx.nn.attention.span import AdaptiveSpan
 
-    return [[round(float(s), 1) for s in m.spans()] for m in model.modules() if isinstance(m, AdaptiveSpan)]
+    return [[round(float(s), 1) for s in m.spans().detach()] for m in model.modules() if isinstance(m, AdaptiveSpan)]
 
 
 def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "best", seed: int | None = None,

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from tfx.errors import UsageError
 
-LAMBDAS = tuple(round(0.05 * i, 2) for i in range(1, 17))  # 0.05 ... 0.8
+LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 KS = (8, 16, 32, 64, 128, 256)
-T_FACTORS = tuple(2 ** (i / 2) for i in range(-8, 9))  # 1/16 ... 16 by sqrt(2), times the median nearest distance
+T_FACTORS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16)  # times the median nearest-neighbour distance
 
 
 @dataclass(frozen=True)
