@@ -197,6 +197,13 @@ def test_ivfpq_builds_searches_and_probing_every_list_loses_nothing(built, lm_ru
     d_ex, v_ex = exact.search(queries, 8)  # an exact store of the same 3,000 keys
     assert (v_pq[:, 0] == v_ex[:, 0]).float().mean() > 0.9
     assert torch.all(d_pq[:, 1:] >= d_pq[:, :-1])  # sorted after re-ranking
+    # Re-ranking more candidates: the k nearest of a superset are never farther, and re-ranking
+    # every key is the exact search.
+    d_more, _ = store.search(queries, 8, nprobe=8, candidates=32)
+    assert d_more.shape == (len(queries), 8) and torch.all(d_more <= d_pq + 1e-6)
+    assert (d_more < d_pq - 1e-6).any()  # quantization misordered some neighbours, which re-ranking repairs
+    d_all_exact, _ = store.search(queries, 8, nprobe=8, candidates=store.count)
+    assert torch.allclose(d_all_exact, d_ex, rtol=1e-4, atol=1e-5)
     settings = KNNSettings(lam=0.5, k=8, temperature=exact.meta["typical_distance"], nprobe=8)
     _, mixed_pq = knn_token_logprobs(model, store, ids[:3001], settings, context=32)
     _, mixed_ex = knn_token_logprobs(model, exact, ids[:3001], settings, context=32)
@@ -282,3 +289,5 @@ def test_cli_errors(lm_run, tmp_path, env):
     proc = run_tfx("knn", "build", str(path), "--data", str(tmp_path / "missing.txt"), env=env)
     assert proc.returncode == 2 and "missing.txt" in proc.stderr and "Traceback" not in proc.stderr
     assert not (path / "knn").exists()
+    proc = run_tfx("knn", "tune", str(path), "--candidates", "0", env=env)
+    assert proc.returncode == 2 and "--candidates" in proc.stderr and "Traceback" not in proc.stderr

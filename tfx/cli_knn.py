@@ -61,6 +61,9 @@ def knn_tune(
     data: Optional[Path] = typer.Option(None, help="Tune on this text file instead of a split."),
     max_tokens: Optional[int] = typer.Option(100_000, help="Tune on the first N tokens (0 = all)."),
     nprobe: Optional[int] = typer.Option(None, help="ivfpq: lists searched per query (saved with the settings)."),
+    candidates: Optional[int] = typer.Option(None, help="ivfpq: keys the codes retrieve per query, re-ranked by "
+                                                        "their exact distances before the k nearest are kept "
+                                                        "(default: k; saved with the settings)."),
     stride: Optional[int] = typer.Option(None, help="Window stride (default: the context); use the one you will "
                                                       "evaluate with (tfx eval --knn --stride)."),
     top: int = typer.Option(10, help="Rows of the table."),
@@ -78,13 +81,14 @@ def knn_tune(
 
     check_checkpoint(checkpoint)
     check_split(split)
-    if ((max_tokens is not None and max_tokens < 0) or (nprobe is not None and nprobe <= 0) or top <= 0
-            or (stride is not None and stride <= 0)):
-        raise UsageError("--max-tokens, --nprobe, --stride and --top must be positive")
+    if ((max_tokens is not None and max_tokens < 0) or top <= 0
+            or any(v is not None and v <= 0 for v in (nprobe, candidates, stride))):
+        raise UsageError("--max-tokens, --nprobe, --candidates, --stride and --top must be positive")
     if data is not None and not data.is_file():
         raise UsageError(f"--data {data}: file not found")
     result = run.knn_tune(str(run_dir), split=split, data=str(data) if data else None, checkpoint=checkpoint,
-                          max_tokens=max_tokens or None, nprobe=nprobe, stride=stride, batch_size=batch_size)
+                          max_tokens=max_tokens or None, nprobe=nprobe, candidates=candidates, stride=stride,
+                          batch_size=batch_size)
     if json_out:
         print(json.dumps({**result, "grid": result["grid"][:top]}))
         return

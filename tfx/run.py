@@ -170,7 +170,8 @@ def _open_knn(run_dir, recipe, overrides: dict, checkpoint: str):
         log("warning: the kNN datastore was built with other weights than this checkpoint; its keys may not "
             "match (rebuild with tfx knn build)")
     return store, resolve_settings(store, lam=overrides.get("lam"), k=overrides.get("k"),
-                                   temperature=overrides.get("temperature"), nprobe=overrides.get("nprobe"), log=log)
+                                   temperature=overrides.get("temperature"), nprobe=overrides.get("nprobe"),
+                                   candidates=overrides.get("candidates"), log=log)
 
 
 def _source_info(recipe, split: str | None, data: str | None) -> dict:
@@ -225,7 +226,7 @@ def knn_build(run_dir: str, *, split: str | None = "train", data: str | None = N
 
 def knn_tune(run_dir: str, *, split: str = "valid", data: str | None = None, checkpoint: str = "best",
              device: str = "auto", max_tokens: int | None = 100_000, nprobe: int | None = None,
-             stride: int | None = None, batch_size: int = 32) -> dict:
+             candidates: int | None = None, stride: int | None = None, batch_size: int = 32) -> dict:
     """Grid search of the interpolation on a text; saves the best to RUN/knn/settings.json."""
     from tfx.memory.datastore import Datastore
     from tfx.memory.knn import tune
@@ -244,9 +245,10 @@ def knn_tune(run_dir: str, *, split: str = "valid", data: str | None = None, che
     dev = select_device(device)
     model.to(dev)
     result = tune(model, store, ids, context=recipe.model.context, stride=stride, batch_size=batch_size,
-                  device=dev, max_tokens=max_tokens, nprobe=nprobe, log=log)
+                  device=dev, max_tokens=max_tokens, nprobe=nprobe, candidates=candidates, log=log)
     best = result["grid"][0]
     saved = {"lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"], "nprobe": nprobe,
+             "candidates": candidates,
              "perplexity": best["perplexity"], "base_perplexity": result["base"]["perplexity"],
              "tokens": result["tokens"], "stride": min(stride or recipe.model.context, recipe.model.context),
              "source": source}

@@ -230,7 +230,9 @@ class Datastore:
 
     `search` returns squared L2 distances and values of the k nearest keys; for an IVF-PQ index the
     distances of the retrieved keys are recomputed from the stored keys (the codes only choose
-    them), as the paper does with its full-precision keys.
+    them), as the paper does with its full-precision keys. With `candidates` > k the codes choose
+    that many and the exact distances pick the k nearest among them (re-ranking: it repairs the
+    order that quantization got wrong).
     """
 
     def __init__(self, run_dir):
@@ -255,13 +257,16 @@ class Datastore:
         self.exact_distances = self.kind != "flat"
         self._ivf = faiss.extract_index_ivf(self.index) if self.kind != "flat" else None
 
-    def search(self, queries: torch.Tensor, k: int, *, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, *, nprobe: int | None = None,
+               candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, d) keys -> (dists (n, k) float32 ascending, values (n, k) int64); a missing
-        neighbour (an IVF search that found fewer than k) has distance inf and value -1."""
+        neighbour (an IVF search that found fewer than k) has distance inf and value -1.
+        `candidates` (IVF-PQ only; default k): keys retrieved by the codes before exact re-ranking."""
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())  # (n, d)
         k = max(1, min(k, self.count))
         if self._ivf is not None:
             self._ivf.nprobe = nprobe or self.nprobe
+        wanted, k = k, max(k, min(candidates or k, self.count)) if self.exact_distances else k
         dists, ids = self.index.search(q, k)  # (n, k) each
         missing = ids < 0
         ids = np.where(missing, 0, ids)
@@ -271,7 +276,7 @@ class Datastore:
                 rows = self.keys[ids[i:i + step].reshape(-1)].astype(np.float32).reshape(-1, k, self.dim)
                 dists[i:i + step] = ((rows - q[i:i + step, None, :]) ** 2).sum(-1)  # (c, k)
             dists[missing] = np.inf
-            order = np.argsort(dists, axis=1, kind="stable")
+            order = np.argsort(dists, axis=1, kind="stable")[:, :wanted]
             dists, ids, missing = (np.take_along_axis(a, order, 1) for a in (dists, ids, missing))
         else:
             dists[missing] = np.inf

@@ -29,12 +29,14 @@ T_FACTORS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16)  # times the median ne
 
 @dataclass(frozen=True)
 class KNNSettings:
-    """Interpolation weight, neighbours and temperature; nprobe for an IVF index (None = the store's)."""
+    """Interpolation weight, neighbours and temperature; for an IVF-PQ index, nprobe (None = the
+    store's) and the candidates its codes retrieve for exact re-ranking (None = k)."""
 
     lam: float = 0.25
     k: int = 32
     temperature: float = 1.0
     nprobe: int | None = None
+    candidates: int | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -138,7 +140,7 @@ def interpolate(lm: Tensor, knn: Tensor, lam: float) -> Tensor:
 
 # ----------------------------------------------------------------------------- scoring a text
 
-def _retrieved(model, store, ids, *, k: int, nprobe, context, stride, batch_size, device, max_tokens,
+def _retrieved(model, store, ids, *, k: int, nprobe, candidates, context, stride, batch_size, device, max_tokens,
                queries: int = 8192):
     """Yield (target index, LM log-prob, dists, values, target) per group of about `queries` tokens
     (faiss searches a large batch of queries much faster than many small ones)."""
@@ -147,7 +149,7 @@ def _retrieved(model, store, ids, *, k: int, nprobe, context, stride, batch_size
     def flush():
         pos, key, lp, target = (torch.cat([b[i] for b in buffer]) for i in range(4))
         buffer.clear()
-        dists, vals = store.search(key, k, nprobe=nprobe)
+        dists, vals = store.search(key, k, nprobe=nprobe, candidates=candidates)
         return pos, lp, dists, vals, target
 
     for part in scored_positions(model, ids, context=context, stride=stride, batch_size=batch_size,
@@ -170,7 +172,7 @@ def knn_token_logprobs(model, store, ids: Tensor, settings: KNNSettings, *, cont
             lm[pos - 1] = lp
         return lm, lm.clone()
     for pos, lp, dists, vals, target in _retrieved(model, store, ids, k=settings.k, nprobe=settings.nprobe,
-                                                   context=context, stride=stride, batch_size=batch_size,
+                                                   candidates=settings.candidates, context=context, stride=stride, batch_size=batch_size,
                                                    device=device, max_tokens=max_tokens):
         lm[pos - 1] = lp
         mixed[pos - 1] = interpolate(lp, knn_target_logprob(dists, vals, target, settings.temperature), settings.lam)
@@ -178,13 +180,16 @@ def knn_token_logprobs(model, store, ids: Tensor, settings: KNNSettings, *, cont
 
 
 def tune(model, store, ids: Tensor, *, context: int, stride: int | None = None, batch_size: int = 32, device="cpu",
-         max_tokens: int | None = None, nprobe: int | None = None, log=print) -> dict:
-    """Grid search of lambda x k x temperature on a text; retrieves once with the largest k.
+         max_tokens: int | None = None, nprobe: int | None = None, candidates: int | None = None,
+         log=print) -> dict:
+    """Grid search of lambda x k x temperature on a text; retrieves once with the largest k (so with
+    `candidates` re-ranked, every k reads the nearest of the same candidates).
 
     Returns {"base": lm loss/perplexity, "grid": rows sorted by perplexity, "temperatures": the grid}.
     """
     ks = [k for k in KS if k <= store.count] or [store.count]
-    parts = list(_retrieved(model, store, ids, k=max(ks), nprobe=nprobe, context=context, stride=stride,
+    parts = list(_retrieved(model, store, ids, k=max(ks), nprobe=nprobe, candidates=candidates, context=context,
+                            stride=stride,
                             batch_size=batch_size, device=device, max_tokens=max_tokens))
     lm = torch.cat([p[1] for p in parts])
     dists, vals, target = (torch.cat([p[i] for p in parts]) for i in (2, 3, 4))
@@ -211,26 +216,28 @@ def tune(model, store, ids: Tensor, *, context: int, stride: int | None = None, 
 # ----------------------------------------------------------------------------- settings, generation
 
 def resolve_settings(store, *, lam: float | None = None, k: int | None = None, temperature: float | None = None,
-                     nprobe: int | None = None, log=print) -> KNNSettings:
+                     nprobe: int | None = None, candidates: int | None = None, log=print) -> KNNSettings:
     """Defaults < RUN/knn/settings.json (from tfx knn tune) < explicit values, validated."""
     saved = store.saved_settings()
-    base = {"lam": 0.25, "k": 32, "temperature": store.meta.get("typical_distance", 1.0), "nprobe": None}
+    base = {"lam": 0.25, "k": 32, "temperature": store.meta.get("typical_distance", 1.0), "nprobe": None,
+            "candidates": None}
     if saved:
         base.update(lam=saved["lambda"], k=saved["k"], temperature=saved["temperature"],
-                    nprobe=saved.get("nprobe"))
+                    nprobe=saved.get("nprobe"), candidates=saved.get("candidates"))
         if saved.get("store") != store.meta.get("created"):
             log("note: RUN/knn/settings.json was tuned on an earlier datastore; run tfx knn tune again")
     elif lam is None or k is None or temperature is None:
         log("note: no tuned kNN settings (run tfx knn tune); using defaults for the rest")
-    given = {"lam": lam, "k": k, "temperature": temperature, "nprobe": nprobe}
+    given = {"lam": lam, "k": k, "temperature": temperature, "nprobe": nprobe, "candidates": candidates}
     base.update({key: v for key, v in given.items() if v is not None})
     if not 0 <= base["lam"] <= 1:
         raise UsageError(f"--lambda {base['lam']}: expected a weight in [0, 1]")
-    if base["k"] <= 0 or base["temperature"] <= 0 or (base["nprobe"] is not None and base["nprobe"] <= 0):
-        raise UsageError("--k, --temperature and --nprobe must be positive")
+    if base["k"] <= 0 or base["temperature"] <= 0 or any(base[key] is not None and base[key] <= 0
+                                                          for key in ("nprobe", "candidates")):
+        raise UsageError("--k, --temperature, --nprobe and --candidates must be positive")
     base["k"] = min(int(base["k"]), store.count)
     return KNNSettings(lam=float(base["lam"]), k=base["k"], temperature=float(base["temperature"]),
-                       nprobe=base["nprobe"])
+                       nprobe=base["nprobe"], candidates=base["candidates"])
 
 
 class KNNAdjuster:
@@ -257,6 +264,6 @@ class KNNAdjuster:
         if s.lam == 0:
             return logprobs
         key = self.capture.keys[:, -1]  # (B, d)
-        dists, vals = self.store.search(key, s.k, nprobe=s.nprobe)
+        dists, vals = self.store.search(key, s.k, nprobe=s.nprobe, candidates=s.candidates)
         knn = knn_logprobs(dists, vals, logprobs.shape[-1], s.temperature)  # (B, V)
         return interpolate(logprobs.double().cpu(), knn, s.lam).to(logprobs.device, logprobs.dtype)
