@@ -52,12 +52,51 @@ def test_recall_mixes_by_the_gate_and_stores_the_segment():
     assert torch.equal(state.recall_k[0], torch.cat([keys, k], 2)) and state.recall_v[0].shape == (2, 2, 9, 8)
 
 
-def segments(model, length=4):
-    state, outs = model.stack.new_memory(), []
-    for s in range(0, TOKENS.shape[1], length):
-        out, state = model(TOKENS[:, s:s + length], state)
+def segments(model, length=4, tokens=TOKENS, state=None):
+    state, outs = state or model.stack.new_memory(), []
+    for s in range(0, tokens.shape[1], length):
+        out, state = model(tokens[:, s:s + length], state)
         outs.append(out)
     return torch.cat(outs, 1), state
+
+
+def documents(*lengths, start=True):
+    """Random documents (no token 1 inside), each opening with the BOS id 1 when `start`."""
+    docs = []
+    for i, n in enumerate(lengths):
+        doc = torch.randint(2, V, (2, n), generator=torch.Generator().manual_seed(10 + i))
+        doc[:, 0] = 1 if start else 2
+        docs.append(doc)
+    return docs
+
+
+def test_a_new_document_reads_nothing_of_the_earlier_ones():
+    model = model_for()
+    a, b = documents(12, 12)
+    both, _ = segments(model, tokens=torch.cat([a, b], 1))
+    alone, _ = segments(model, tokens=b)
+    torch.testing.assert_close(both[:, 12:], alone, rtol=1e-10, atol=1e-10)
+    a, b = documents(12, 12, start=False)  # the control: one document, so b reads a's pairs
+    both, _ = segments(model, tokens=torch.cat([a, b], 1))
+    alone, _ = segments(model, tokens=b)
+    assert (both[:, 16:] - alone[:, 4:]).abs().max() > 1e-3
+
+
+def test_a_document_starting_inside_a_segment_keeps_only_its_own_pairs():
+    model = model_for()
+    tokens = torch.cat(documents(14, 10), 1)  # the second document starts at 14, inside segment 12..15
+    _, state = segments(model, tokens=tokens[:, :16])
+    assert state.recall_k[0].shape[2] == 12 and state.recall_from[0].tolist() == [10, 10]  # tokens 4..15 kept
+    own = StackState(recall_k=[state.recall_k[0][:, :, 10:]], recall_v=[state.recall_v[0][:, :, 10:]])
+    with_old, state = segments(model, tokens=tokens[:, 16:], state=state)
+    with_own, _ = segments(model, tokens=tokens[:, 16:], state=own)
+    torch.testing.assert_close(with_old, with_own, rtol=1e-10, atol=1e-10)
+    assert state.recall_from[0].tolist() == [2, 2]  # tokens 12..23 kept, 14.. readable
+    keep_all = model_for(doc_token=None)
+    keep_all.load_state_dict(model.state_dict())
+    ignored, _ = segments(keep_all, tokens=tokens)
+    read, _ = segments(model, tokens=tokens)
+    assert (ignored[:, 16:] - read[:, 16:]).abs().max() > 1e-3  # doc_token = None reads across documents
 
 
 def test_the_store_is_a_bounded_fifo_of_earlier_segments():

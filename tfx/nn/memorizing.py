@@ -8,7 +8,10 @@ mixed with the layer's own attention through a learned per-head gate g = sigmoid
 y = g·y_memory + (1 − g)·y_local. Stored keys are taken before any position scheme (memory has no
 positions) and with gradients stopped; a segment's pairs enter the store after its own queries
 have read it. The store starts empty with every new stream (each epoch of training, each lane of
-a recurrent evaluation), i.e. it is cleared at the boundaries of the documents the stream reads.
+a recurrent evaluation), and it forgets a document when the next one starts: a stream reads
+documents as [bos] + text, so from a `doc_token` (tfx tokenizers' BOS, id 1) on, a query reads no
+pair stored before it, and those pairs leave the readable part of the store (`recall_from` counts
+them per row until FIFO eviction drops them).
 `mem_len` > 0 adds a Transformer-XL memory to every layer as well, as in the paper.
 
 Generation uses the ordinary KV cache (context + mem_len positions) without the store.
@@ -29,13 +32,18 @@ class MemorizingConfig(KindConfig):
     layer: int = -2  # the kNN-augmented layer; negative counts from the top
     size: int = Field(4096, gt=0)  # (key, value) pairs kept per row and key head
     top_k: int = Field(32, gt=0)  # keys retrieved per query
+    doc_token: int | None = 1  # the token that starts a document (BOS): the store forgets what came before; None: never
 
 
-def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int) -> Tensor:
-    """q (B, H, T, D) over a store (B, Hkv, N, D): softmax attention over each query's top_k keys."""
+def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int, readable: Tensor | None = None) -> Tensor:
+    """q (B, H, T, D) over a store (B, Hkv, N, D): softmax attention over each query's top_k keys;
+    `readable` (B, 1, T, N) bool hides the False pairs from the query (a query that can read none
+    gets an arbitrary finite answer, for the caller to discard)."""
     B, H, T, D = q.shape
     keys, values = (t.repeat_interleave(H // t.shape[1], 1) for t in (keys, values))  # (B, H, N, D)
     scores = q @ keys.transpose(-1, -2) * D ** -0.5  # (B, H, T, N)
+    if readable is not None:  # finite, so a query with nothing to read stays free of nan (and of nan gradients)
+        scores = scores.masked_fill(~readable, torch.finfo(scores.dtype).min)
     best, index = scores.topk(min(top_k, keys.shape[2]), dim=-1)  # (B, H, T, k)
     k = index.shape[-1]
     picked = values.gather(2, index.reshape(B, H, T * k, 1).expand(-1, -1, -1, D)).view(B, H, T, k, D)
@@ -52,7 +60,7 @@ class MemorizingMemory(XLMemory):
     def __init__(self, cfg, *, n_layers: int, n_heads: int, **_):
         super().__init__(cfg)
         self.layer, self.n_layers = cfg.layer % n_layers, n_layers
-        self.size, self.top_k = cfg.size, cfg.top_k
+        self.size, self.top_k, self.doc_token = cfg.size, cfg.top_k, cfg.doc_token
         self.gate = nn.Parameter(torch.zeros(n_heads))  # per-head bias b_h; g = sigmoid(b_h) starts at 1/2
 
     def memories(self, state) -> list[Tensor] | None:
@@ -62,18 +70,35 @@ class MemorizingMemory(XLMemory):
         if self.mem_len:
             super().update(state, inputs, blocks)
 
-    def hooks(self, state) -> list:
+    def hooks(self, state, tokens: Tensor | None = None) -> list:
         out: list = [None] * self.n_layers
-        out[self.layer] = lambda q, k, v, y: self.recall(state, q, k, v, y)
+        out[self.layer] = lambda q, k, v, y: self.recall(state, q, k, v, y, tokens)
         return out
 
-    def recall(self, state, q: Tensor, k: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    def recall(self, state, q: Tensor, k: Tensor, v: Tensor, y: Tensor, tokens: Tensor | None = None) -> Tensor:
         """The gated mix of y (B, H, T, D) and the store's answer to q; then the segment's k, v
-        (B, Hkv, T, D) join the store."""
-        if state.recall_k:
+        (B, Hkv, T, D) join the store. With `tokens` (B, T), a document start hides the pairs
+        stored before it from its own query and every later one."""
+        B, _, T, _ = q.shape
+        starts = tokens == self.doc_token if tokens is not None and self.doc_token is not None else None  # (B, T)
+        old = state.recall_k[0].shape[2] if state.recall_k else 0
+        first = state.recall_from[0] if state.recall_from else torch.zeros(B, dtype=torch.long, device=q.device)
+        if old:
             keys, values = state.recall_k[0], state.recall_v[0]
+            readable = torch.arange(old, device=q.device)[None, :] >= first[:, None]  # (B, N): this document's
+            if starts is not None:  # (B, 1, T, N): and only before a new document starts in the segment
+                readable = readable[:, None, None, :] & (starts.cumsum(-1) == 0)[:, None, :, None]
+            else:
+                readable = readable[:, None, None, :].expand(B, 1, T, old)
             g = torch.sigmoid(self.gate).to(y.dtype)[None, :, None, None]
-            y = g * knn_attention(q, keys.to(q.dtype), values.to(q.dtype), self.top_k) + (1 - g) * y
+            mixed = g * knn_attention(q, keys.to(q.dtype), values.to(q.dtype), self.top_k, readable) + (1 - g) * y
+            y = torch.where(readable.any(-1, keepdim=True), mixed, y)  # a query with nothing to read keeps y
             k, v = torch.cat([keys, k.detach()], 2), torch.cat([values, v.detach()], 2)
+        if starts is not None:  # the pairs before the segment's last document start are forgotten
+            at = torch.arange(1, T + 1, device=q.device)
+            last = (starts * at).amax(-1)  # (B,): 1 + the index of the last start, 0 for none
+            first = torch.where(last > 0, old + last - 1, first)
+        drop = max(0, old + T - self.size)
         state.recall_k, state.recall_v = [k.detach()[:, :, -self.size:]], [v.detach()[:, :, -self.size:]]
+        state.recall_from = [(first - drop).clamp(min=0)]
         return y

@@ -62,8 +62,9 @@ class XLMemory(nn.Module):
     def memories(self, state) -> list[Tensor] | None:
         return state.memory
 
-    def hooks(self, state) -> list | None:
-        """Per layer, a function (q, k, v, y) -> y the layer's attention output goes through, or None."""
+    def hooks(self, state, tokens: Tensor | None = None) -> list | None:
+        """Per layer, a function (q, k, v, y) -> y the layer's attention output goes through, or None
+        (`tokens`: the segment's (B, T) ids)."""
         return None
 
     def update(self, state, inputs: list[Tensor], blocks) -> None:

@@ -44,7 +44,7 @@ class RecurrentMemoryTokens(nn.Module):
     def memories(self, state):
         return None
 
-    def hooks(self, state):
+    def hooks(self, state, tokens=None):
         return None
 
     def run(self, stack, tokens: Tensor, state: StackState | None) -> tuple[Tensor, StackState]:

@@ -140,7 +140,7 @@ class TransformerStack(nn.Module):
             return torch.cat(outs, 1), state
         recurrent = state is not None and self.recurrent and not state.layers  # a segment memory state
         mems = self.recurrence.memories(state) if recurrent else None
-        hooks = self.recurrence.hooks(state) if recurrent else None
+        hooks = self.recurrence.hooks(state, tokens) if recurrent else None
         offset = (state.length if state is not None else 0) + (mems[0].shape[1] if mems else 0)
         if sink is not None:  # positions are cache slots, after the eviction this call makes
             offset = sink.start_for(T)

@@ -60,10 +60,11 @@ class StackState:
     usage: list[Tensor] | None = None  # per layer, (B, M) attention each memory slot received (most_used)
     recall_k: list[Tensor] | None = None  # Memorizing Transformer: the store's (B, Hkv, N, D) keys
     recall_v: list[Tensor] | None = None  # ... and values
+    recall_from: list[Tensor] | None = None  # ... and per row (B,) how many of them an earlier document left
     rmt: list[Tensor] | None = None  # Recurrent Memory Transformer: [(B, m, d_model)] memory tokens
     aux_loss: Tensor | None = None  # a training penalty of the last segment (attention reconstruction)
 
-    CARRIED = ("memory", "compressed", "usage", "recall_k", "recall_v", "rmt")  # what a resumed training run must get back
+    CARRIED = ("memory", "compressed", "usage", "recall_k", "recall_v", "recall_from", "rmt")  # what a resumed training run must get back
 
     def carried(self) -> dict:
         """The segment memory as plain CPU tensors, for a checkpoint."""
