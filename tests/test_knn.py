@@ -270,8 +270,10 @@ def test_cli_build_tune_eval_generate(lm_run, texts, tmp_path, env):
     header, base, best = proc.stdout.splitlines()[:3]
     assert header.split()[:3] == ["lambda", "k", "temperature"]
     assert best.split()[:2] == [f"{saved['lambda']:g}", str(saved["k"])]
-    proc = run_tfx("eval", str(path), "--knn", "--data", str(texts["store"]), "--json", env=env, check=True)
+    proc = run_tfx("eval", str(path), "--knn", "--data", str(texts["store"]), "--json", "--candidates", "64",
+                   env=env, check=True)
     result = json.loads(proc.stdout)
+    assert result["knn"]["candidates"] == 64 and result["knn"]["nprobe"] is None  # shown; an exact store ignores it
     assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(result) <= set(result["knn"]) | {
         "split", "context", "stride", "knn"}
     assert result["stride"] == 16  # the windows the settings were tuned with, without --stride
@@ -291,3 +293,5 @@ def test_cli_errors(lm_run, tmp_path, env):
     assert not (path / "knn").exists()
     proc = run_tfx("knn", "tune", str(path), "--candidates", "0", env=env)
     assert proc.returncode == 2 and "--candidates" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_tfx("eval", str(path), "--candidates", "64", env=env)
+    assert proc.returncode == 2 and "add --knn" in proc.stderr and "Traceback" not in proc.stderr

@@ -219,6 +219,9 @@ STREAM_WINDOW = typer.Option(None, "--stream-window", help="lm: attention sinks 
                              "cache, and read or generate past the context (relative positions only).")
 SINKS = typer.Option(None, help="With --stream-window: initial tokens always kept (default 4; 0 is a "
                      "plain sliding window).")
+KNN_NPROBE = typer.Option(None, "--nprobe", help="With --knn, an IVF-PQ store: lists searched per query.")
+KNN_CANDIDATES = typer.Option(None, "--candidates", help="With --knn, an IVF-PQ store: keys its codes retrieve, "
+                              "re-ranked by exact distance before the k nearest are kept.")
 
 
 @app.command("eval")
@@ -241,6 +244,8 @@ def eval_(
     knn_k: Optional[int] = typer.Option(None, "--k", "--knn-k", help="With --knn: neighbours retrieved."),
     knn_temperature: Optional[float] = typer.Option(None, "--temperature", "--knn-temperature",
                                                     help="With --knn: T in exp(-distance / T)."),
+    knn_nprobe: Optional[int] = KNN_NPROBE,
+    knn_candidates: Optional[int] = KNN_CANDIDATES,
     stream_window: Optional[int] = STREAM_WINDOW,
     sinks: Optional[int] = SINKS,
     max_tokens: Optional[int] = typer.Option(None, help="LM: score only the first N tokens."),
@@ -262,7 +267,7 @@ def eval_(
         raise UsageError("--context must be at least 2")
     if beam is not None and beam <= 0:
         raise UsageError("--beam must be positive")
-    knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature)
+    knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature, knn_nprobe, knn_candidates)
     if max_tokens is not None and max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
     options = stream_options(stream_window, sinks)
@@ -315,17 +320,19 @@ def stream_options(window: int | None, sinks: int | None) -> dict:
     return {"stream_window": window, "sinks": 4 if sinks is None else sinks}
 
 
-def knn_overrides(knn: bool, lam: float | None, k: int | None, temperature: float | None) -> dict | None:
+def knn_overrides(knn: bool, lam: float | None, k: int | None, temperature: float | None,
+                  nprobe: int | None = None, candidates: int | None = None) -> dict | None:
     """The --knn request as run.evaluate/generate_lines take it: None, or the explicit overrides."""
-    given = {"lam": lam, "k": k, "temperature": temperature}
+    given = {"lam": lam, "k": k, "temperature": temperature, "nprobe": nprobe, "candidates": candidates}
     if not knn:
         if any(v is not None for v in given.values()):
-            raise UsageError("--lambda, --k and the kNN temperature apply to the kNN-LM: add --knn")
+            raise UsageError("--lambda, --k, --nprobe, --candidates and the kNN temperature apply to the kNN-LM: "
+                             "add --knn")
         return None
     if lam is not None and not 0 <= lam <= 1:
         raise UsageError(f"--lambda {lam}: expected a weight in [0, 1]")
-    if (k is not None and k <= 0) or (temperature is not None and temperature <= 0):
-        raise UsageError("--k and the kNN temperature must be positive")
+    if any(v is not None and v <= 0 for v in (k, temperature, nprobe, candidates)):
+        raise UsageError("--k, --nprobe, --candidates and the kNN temperature must be positive")
     return {name: v for name, v in given.items() if v is not None}
 
 
@@ -370,6 +377,8 @@ def generate(
     knn_temperature: Optional[float] = typer.Option(None, "--knn-temperature",
                                                     help="With --knn: T in exp(-distance / T) (--temperature "
                                                          "is the sampling temperature)."),
+    knn_nprobe: Optional[int] = KNN_NPROBE,
+    knn_candidates: Optional[int] = KNN_CANDIDATES,
     stream_window: Optional[int] = STREAM_WINDOW,
     sinks: Optional[int] = SINKS,
 ):
@@ -398,7 +407,7 @@ def generate(
     if stream and from_stdin:
         raise UsageError("--stream takes a single PROMPT, not '-'")
     stops = [unescape(s) for s in (stop or [])]
-    knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature)
+    knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature, knn_nprobe, knn_candidates)
     prompts = stdin_lines() if from_stdin else [prompt]
 
     def emit(piece: str) -> None:
