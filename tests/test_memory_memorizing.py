@@ -92,11 +92,11 @@ def test_a_document_starting_inside_a_segment_keeps_only_its_own_pairs():
     with_own, _ = segments(model, tokens=tokens[:, 16:], state=own)
     torch.testing.assert_close(with_old, with_own, rtol=1e-10, atol=1e-10)
     assert state.recall_from[0].tolist() == [2, 2]  # tokens 12..23 kept, 14.. readable
-    keep_all = model_for(doc_token=None)
+    keep_all = model_for(doc_token=-1)
     keep_all.load_state_dict(model.state_dict())
     ignored, _ = segments(keep_all, tokens=tokens)
     read, _ = segments(model, tokens=tokens)
-    assert (ignored[:, 16:] - read[:, 16:]).abs().max() > 1e-3  # doc_token = None reads across documents
+    assert (ignored[:, 16:] - read[:, 16:]).abs().max() > 1e-3  # doc_token = -1 reads across documents
 
 
 def test_the_store_is_a_bounded_fifo_of_earlier_segments():

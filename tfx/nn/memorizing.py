@@ -32,7 +32,7 @@ class MemorizingConfig(KindConfig):
     layer: int = -2  # the kNN-augmented layer; negative counts from the top
     size: int = Field(4096, gt=0)  # (key, value) pairs kept per row and key head
     top_k: int = Field(32, gt=0)  # keys retrieved per query
-    doc_token: int | None = 1  # the token that starts a document (BOS): the store forgets what came before; None: never
+    doc_token: int = Field(1, ge=-1)  # the token that starts a document (BOS): the store forgets what came before; -1: never
 
 
 def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int, readable: Tensor | None = None) -> Tensor:
@@ -60,7 +60,8 @@ class MemorizingMemory(XLMemory):
     def __init__(self, cfg, *, n_layers: int, n_heads: int, **_):
         super().__init__(cfg)
         self.layer, self.n_layers = cfg.layer % n_layers, n_layers
-        self.size, self.top_k, self.doc_token = cfg.size, cfg.top_k, cfg.doc_token
+        self.size, self.top_k = cfg.size, cfg.top_k
+        self.doc_token = cfg.doc_token if cfg.doc_token >= 0 else None
         self.gate = nn.Parameter(torch.zeros(n_heads))  # per-head bias b_h; g = sigmoid(b_h) starts at 1/2
 
     def memories(self, state) -> list[Tensor] | None:
