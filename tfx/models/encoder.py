@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfx.models.lm import IGNORE, output_head, token_loss
+from tfx.models.lm import IGNORE, head_loss, output_head
 from tfx.nn.stack import TransformerStack
 
 
@@ -28,7 +28,8 @@ class MaskedLM(nn.Module):
         return self.head(h)  # (B, T, vocab)
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
-        return token_loss(self(batch["input"], batch.get("mask")), batch["target"]), {}, None
+        h, _ = self.encoder(batch["input"], key_padding_mask=batch.get("mask"))
+        return head_loss(self.head, h, batch["target"]), {}, None
 
     @staticmethod
     def count_tokens(batch: dict) -> int:

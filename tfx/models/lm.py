@@ -1,8 +1,11 @@
 """Decoder-only language model (Radford et al., 2018): a causal stack and a (tied) output head."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tfx.nn.loss import linear_cross_entropy
 
 from tfx.nn.stack import TransformerStack
 from tfx.nn.state import StackState
@@ -24,6 +27,15 @@ def token_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> 
     """Summed cross-entropy over the target ids that are not IGNORE (the loop divides by their count)."""
     return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum",
                            label_smoothing=label_smoothing)
+
+
+def head_loss(head: nn.Linear, h: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """token_loss(head(h), target): fused with the projection and chunked (tfx.nn.loss), so no
+    (tokens x vocabulary) logits are kept; under autocast or torch.compile, the plain two steps."""
+    if head.bias is not None or torch.is_autocast_enabled(h.device.type) or torch.compiler.is_compiling():
+        return token_loss(head(h), target, label_smoothing)
+    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, target.reshape(-1),
+                                label_smoothing=label_smoothing, ignore_index=IGNORE)
 
 
 class LanguageModel(nn.Module):
@@ -61,9 +73,9 @@ class LanguageModel(nn.Module):
         With an XL memory the state carries it between consecutive segments; `reset` starts afresh."""
         if self.stack.recurrent and (state is None or bool(batch.get("reset", False))):
             state = self.stack.new_memory()
-        logits, state = self(batch["input"], state)
+        h, state = self.stack(batch["input"], state=state)
         parts = {"aux_loss": state.aux_loss} if state is not None and state.aux_loss is not None else {}
-        return token_loss(logits, batch["target"]), parts, state
+        return head_loss(self.head, h, batch["target"]), parts, state
 
     @staticmethod
     def count_tokens(batch: dict) -> int:

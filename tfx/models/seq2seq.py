@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tfx.models.lm import IGNORE, output_head, token_loss
+from tfx.models.lm import IGNORE, head_loss, output_head
 from tfx.nn.stack import TransformerStack
 from tfx.nn.state import StackState
 
@@ -54,7 +54,7 @@ class Seq2Seq(nn.Module):
         memory = self.encode(batch["src"], batch["src_mask"])
         h, _ = self.decoder(batch["tgt_in"], memory=memory, memory_mask=batch["src_mask"])
         smoothing = self.label_smoothing if self.training else 0.0
-        return token_loss(self.head(h), batch["tgt_out"], smoothing), {}, None
+        return head_loss(self.head, h, batch["tgt_out"], smoothing), {}, None
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
