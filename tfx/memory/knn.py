@@ -172,8 +172,8 @@ def knn_token_logprobs(model, store, ids: Tensor, settings: KNNSettings, *, cont
             lm[pos - 1] = lp
         return lm, lm.clone()
     for pos, lp, dists, vals, target in _retrieved(model, store, ids, k=settings.k, nprobe=settings.nprobe,
-                                                   candidates=settings.candidates, context=context, stride=stride, batch_size=batch_size,
-                                                   device=device, max_tokens=max_tokens):
+                                                   candidates=settings.candidates, context=context, stride=stride,
+                                                   batch_size=batch_size, device=device, max_tokens=max_tokens):
         lm[pos - 1] = lp
         mixed[pos - 1] = interpolate(lp, knn_target_logprob(dists, vals, target, settings.temperature), settings.lam)
     return lm, mixed

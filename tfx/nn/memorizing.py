@@ -32,7 +32,8 @@ class MemorizingConfig(KindConfig):
     layer: int = -2  # the kNN-augmented layer; negative counts from the top
     size: int = Field(4096, gt=0)  # (key, value) pairs kept per row and key head
     top_k: int = Field(32, gt=0)  # keys retrieved per query
-    doc_token: int = Field(1, ge=-1)  # the token that starts a document (BOS): the store forgets what came before; -1: never
+    # the token that starts a document (BOS): the store forgets what came before it; -1: never
+    doc_token: int = Field(1, ge=-1)
 
 
 def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int, readable: Tensor | None = None) -> Tensor:
