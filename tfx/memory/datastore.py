@@ -266,7 +266,9 @@ class Datastore:
         k = max(1, min(k, self.count))
         if self._ivf is not None:
             self._ivf.nprobe = nprobe or self.nprobe
-        wanted, k = k, max(k, min(candidates or k, self.count)) if self.exact_distances else k
+        wanted = k  # with exact distances, re-rank `candidates` and keep the k nearest of them
+        if self.exact_distances:
+            k = max(k, min(candidates or k, self.count))
         dists, ids = self.index.search(q, k)  # (n, k) each
         missing = ids < 0
         ids = np.where(missing, 0, ids)

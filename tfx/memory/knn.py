@@ -189,8 +189,7 @@ def tune(model, store, ids: Tensor, *, context: int, stride: int | None = None, 
     """
     ks = [k for k in KS if k <= store.count] or [store.count]
     parts = list(_retrieved(model, store, ids, k=max(ks), nprobe=nprobe, candidates=candidates, context=context,
-                            stride=stride,
-                            batch_size=batch_size, device=device, max_tokens=max_tokens))
+                            stride=stride, batch_size=batch_size, device=device, max_tokens=max_tokens))
     lm = torch.cat([p[1] for p in parts])
     dists, vals, target = (torch.cat([p[i] for p in parts]) for i in (2, 3, 4))
     n = lm.numel()

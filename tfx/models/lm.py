@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfx.nn.loss import linear_cross_entropy
-
 from tfx.nn.stack import TransformerStack
 from tfx.nn.state import StackState
 
