@@ -36,6 +36,38 @@ def run_tfx(*args: str, input: bytes | str | None = None, env: dict | None = Non
     return proc
 
 
+def tfx_in_process(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`tfx ARGS` through the same entry point (tfx.cli.main) in this process: for the error paths,
+    which would otherwise pay a Python and torch start-up each (argv, stdin, the environment and
+    torch's thread count are restored afterwards; `input` reaches sys.stdin, not its file
+    descriptor). An exception main() does not turn into an exit code propagates, so the test fails
+    as a traceback would."""
+    import contextlib
+    import io
+
+    import torch
+
+    from tfx.cli import main
+
+    out, error, saved = io.StringIO(), io.StringIO(), (sys.argv, dict(os.environ), sys.stdin)
+    threads = torch.get_num_threads()  # a recipe's train.threads sets it process-wide
+    sys.argv = ["tfx", *args]
+    sys.stdin = io.TextIOWrapper(io.BytesIO((input or "").encode()), encoding="utf-8")
+    os.environ.update(env or {})
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(error):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv, sys.stdin = saved[0], saved[2]
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(saved[1])
+    return subprocess.CompletedProcess(["tfx", *args], code, out.getvalue(), error.getvalue())
+
+
 @pytest.fixture(scope="session")
 def shakespeare(tmp_path_factory) -> Path:
     """`tfx data get shakespeare` once per session, into a private data root."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, TINY, run_tfx, sets
+from conftest import REPO, TINY, run_tfx, sets, tfx_in_process
 from tfx import config as C
 from tfx.bench.generate import decode_once
 from tfx.bench.train import step_flops
@@ -65,7 +65,7 @@ def test_cli_bench_train_json(env):
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / row["ceiling_flops"])
     assert "bench train" in proc.stderr
-    bad = run_tfx("bench", "train", RECIPE, "--set", "model.nope=1", env=env)
+    bad = tfx_in_process("bench", "train", RECIPE, "--set", "model.nope=1", env=env)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -81,5 +81,5 @@ def test_cli_bench_generate(tmp_path, env):
     assert row["decode_ms_per_token"] == pytest.approx(2 * 1000 / row["decode_tokens_per_s"])
     table = run_tfx("bench", "generate", str(run), "--prompt-len", "8", "--new-tokens", "4", env=env, check=True)
     assert "decode_tokens_per_s" in table.stdout
-    bad = run_tfx("bench", "generate", str(run), "--prompt-len", "30", "--new-tokens", "16", env=env)
+    bad = tfx_in_process("bench", "generate", str(run), "--prompt-len", "30", "--new-tokens", "16", env=env)
     assert bad.returncode == 2 and "exceeds the model's context (32)" in bad.stderr

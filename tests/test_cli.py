@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, run_tfx, sets
+from conftest import REPO, TINY, run_tfx, sets, tfx_in_process
 
 RECIPE = str(REPO / "recipes/lm/shakespeare-char.toml")
 
@@ -38,7 +38,7 @@ def losses(run: Path) -> dict[int, float]:
 def test_data_list_shows_fetched(env):
     proc = run_tfx("data", "list", env=env, check=True)
     assert "shakespeare" in proc.stdout and "fetched" in proc.stdout
-    proc = run_tfx("data", "get", "shakespear", env=env)
+    proc = tfx_in_process("data", "get", "shakespear", env=env)
     assert proc.returncode == 2 and "did you mean 'shakespeare'" in proc.stderr
 
 
@@ -82,7 +82,7 @@ def test_eval_file_and_missing_run(char_run, tmp_path, env):
     text.write_text("ROMEO:\nWhat light through yonder window breaks?\n")
     result = json.loads(run_tfx("eval", str(char_run), "--data", str(text), "--json", check=True).stdout)
     assert result["tokens"] == len(text.read_text())
-    proc = run_tfx("eval", str(tmp_path / "nope"))
+    proc = tfx_in_process("eval", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "not a tfx run directory" in proc.stderr
 
 
@@ -126,12 +126,12 @@ def test_attention_sinks_generate_and_read_past_the_context(char_run, env):
                                "--max-tokens", "300", "--batch-size", "2", "--json", env=env, check=True).stdout)
     assert plain["tokens"] == 300 and plain["loss"] != ev["loss"]
     for bad in (["--sinks", "2"], ["--stream-window", "0"], ["--stream-window", "8", "--stride", "4"]):
-        proc = run_tfx("eval", str(char_run), "--split", "valid", *bad, env=env)
+        proc = tfx_in_process("eval", str(char_run), "--split", "valid", *bad, env=env)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (bad, proc.stderr)
 
 
 def test_train_refuses_to_overwrite_a_run(char_run, env):
-    proc = run_tfx("train", RECIPE, *sets(*TINY), "--out", str(char_run), env=env)
+    proc = tfx_in_process("train", RECIPE, *sets(*TINY), "--out", str(char_run), env=env)
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
@@ -189,7 +189,7 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(char_run, tmp_path, env):
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before = (run / "model.safetensors").read_bytes()
-    proc = run_tfx("train", "--resume", str(run), "--set", "train.steps=50", env=env)
+    proc = tfx_in_process("train", "--resume", str(run), "--set", "train.steps=50", env=env)
     assert proc.returncode == 1 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "best.safetensors").exists() and (run / "model.safetensors").read_bytes() == before
 
@@ -202,5 +202,5 @@ def test_stop_strings_take_backslash_escapes():
 
 def test_bad_generate_options_exit_2(char_run):
     for args in (["--temperature", "-1"], ["--top-p", "1.5"], ["--checkpoint", "newest"], ["-", "--stream"]):
-        proc = run_tfx("generate", str(char_run), *(args if args[0] == "-" else ["hi", *args]), input="x\n")
+        proc = tfx_in_process("generate", str(char_run), *(args if args[0] == "-" else ["hi", *args]), input="x\n")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)

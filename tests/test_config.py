@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_tfx
+from conftest import REPO, run_tfx, tfx_in_process
 from tfx.config import apply_overrides, load_recipe, parse_value, to_toml, recipe_dict, validate
 from tfx.errors import UsageError
 
@@ -108,18 +108,18 @@ def test_shipped_recipes_check_and_show():
 def test_cli_bad_recipe_exits_2_without_traceback(write):
     path = write(GOOD + "[model.attention]\nkind = \"dens\"\n")
     for args in (["recipe", "check", str(path)], ["train", str(path)], ["recipe", "show", str(path)]):
-        proc = run_tfx(*args)
+        proc = tfx_in_process(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "did you mean 'dense'" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_tfx("train", str(path), "--set", "train.steps=abc")
+    proc = tfx_in_process("train", str(path), "--set", "train.steps=abc")
     assert proc.returncode == 2 and "train.steps" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
     for args in (["trian"], ["train", "--bogus"], [], ["eval"], ["tokenize", "encode", str(tmp_path / "none")],
                  ["generate", str(tmp_path / "none"), "hi"]):
-        proc = run_tfx(*args)
+        proc = tfx_in_process(*args)
         assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
-    assert "Did you mean 'train'" in run_tfx("trian").stderr
-    assert run_tfx("--help").returncode == 0
+    assert "Did you mean 'train'" in tfx_in_process("trian").stderr
+    assert tfx_in_process("--help").returncode == 0

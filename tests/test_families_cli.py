@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_tfx, sets
+from conftest import REPO, run_tfx, sets, tfx_in_process
 
 SMALL = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "train.log_every=1", "train.threads=1",
          "train.eval_every=0", "train.precision=fp32"]
@@ -61,7 +61,7 @@ def test_nbest_and_misaligned_files(mt_run, tmp_path):
     assert len(fields) == 4 and float(fields[1]) >= float(fields[3])
     (tmp_path / "bad.de").write_text("a\nb\nc\n")
     (tmp_path / "bad.en").write_text("a\nb\n")
-    proc = run_tfx("eval", str(mt_run), "--data", str(tmp_path / "bad"))
+    proc = tfx_in_process("eval", str(mt_run), "--data", str(tmp_path / "bad"))
     assert proc.returncode == 2 and "3 lines" in proc.stderr and "2" in proc.stderr
 
 
@@ -77,7 +77,7 @@ def test_average_last_checkpoints(mt_run, tmp_path, data_env):
     key = "decoder.blocks.0.ffn.up.weight"
     torch.testing.assert_close(avg[key], sum(s[key] for s in states) / 3)
     run_tfx("generate", str(out), "Im Anfang", "--max-new-tokens", "3", check=True)
-    again = run_tfx("average", str(mt_run), "--last", "4", "--out", str(tmp_path / "x"))
+    again = tfx_in_process("average", str(mt_run), "--last", "4", "--out", str(tmp_path / "x"))
     assert again.returncode == 2 and "keep_checkpoints" in again.stderr
 
 
@@ -109,7 +109,7 @@ def test_classifier_from_pretrained_encoder(mlm_run, data_env, tmp_path):
     assert all(abs(float(r[1]) + float(r[3]) - 1) < 1e-3 for r in rows)
     bad = tmp_path / "bad.tsv"
     bad.write_text("text\tlabel\nfine film\tmeh\n")
-    proc = run_tfx("eval", str(out), "--data", str(bad))
+    proc = tfx_in_process("eval", str(out), "--data", str(bad))
     assert proc.returncode == 2 and "'meh'" in proc.stderr
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_tfx, sets
+from conftest import REPO, TINY, run_tfx, sets, tfx_in_process
 from tfx.errors import UsageError
 from tfx.evaluate import score_stream
 from tfx.memory.datastore import Datastore, store_dir
@@ -285,13 +285,13 @@ def test_cli_build_tune_eval_generate(lm_run, texts, tmp_path, env):
 
 def test_cli_errors(lm_run, tmp_path, env):
     path = copy_run(lm_run, tmp_path / "lm")
-    proc = run_tfx("eval", str(path), "--knn", "--split", "valid", env=env)
+    proc = tfx_in_process("eval", str(path), "--knn", "--split", "valid", env=env)
     assert proc.returncode == 2 and "no kNN datastore" in proc.stderr and "tfx knn build" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    proc = run_tfx("knn", "build", str(path), "--data", str(tmp_path / "missing.txt"), env=env)
+    proc = tfx_in_process("knn", "build", str(path), "--data", str(tmp_path / "missing.txt"), env=env)
     assert proc.returncode == 2 and "missing.txt" in proc.stderr and "Traceback" not in proc.stderr
     assert not (path / "knn").exists()
-    proc = run_tfx("knn", "tune", str(path), "--candidates", "0", env=env)
+    proc = tfx_in_process("knn", "tune", str(path), "--candidates", "0", env=env)
     assert proc.returncode == 2 and "--candidates" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_tfx("eval", str(path), "--candidates", "64", env=env)
+    proc = tfx_in_process("eval", str(path), "--candidates", "64", env=env)
     assert proc.returncode == 2 and "add --knn" in proc.stderr and "Traceback" not in proc.stderr

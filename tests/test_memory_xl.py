@@ -92,23 +92,30 @@ def test_stream_blocks_continue_each_row_and_reset_each_epoch():
                                     ("model.memory.kind=memorizing", "model.memory.size=48", "model.memory.top_k=8"),
                                     ("model.memory.kind=rmt", "model.memory.tokens=4", "model.memory.segments=2")])
 def test_training_with_memory_resumes_with_the_same_losses(tmp_path, small_text, memory):
+    """In process (the CLI's resume is covered end to end by test_cli's kill-and-resume test)."""
     import json
 
-    from conftest import TINY, run_tfx, sets
+    from conftest import TINY
 
-    base = ["train", "recipes/lm/shakespeare-char.toml", *sets(*TINY, f"data.train={small_text}", "data.corpus=''",
-                                                               "model.position.kind=rope", *memory,
-                                                               "model.dropout=0.1",
-                                                               "train.save_every=4", "train.eval_every=0",
-                                                               "train.schedule.decay_steps=8")]  # same lr either way
-    run_tfx(*base, "--set", "train.steps=8", "--out", str(tmp_path / "a"), check=True)
-    run_tfx(*base, "--set", "train.steps=4", "--out", str(tmp_path / "b"), check=True)
-    run_tfx("train", "--resume", str(tmp_path / "b"), "--set", "train.steps=8", check=True)
+    from tfx import run
 
-    def losses(run):
-        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    threads = torch.get_num_threads()  # the recipe's train.threads sets it for the whole process
+    overrides = [*TINY, f"data.train={small_text}", "data.corpus=''", "model.position.kind=rope", *memory,
+                 "model.dropout=0.1", "train.save_every=4", "train.eval_every=0",
+                 "train.schedule.decay_steps=8"]  # same lr either way
+    try:
+        run.train("recipes/lm/shakespeare-char.toml", overrides=[*overrides, "train.steps=8"],
+                  out=str(tmp_path / "a"), resume=None)
+        run.train("recipes/lm/shakespeare-char.toml", overrides=[*overrides, "train.steps=4"],
+                  out=str(tmp_path / "b"), resume=None)
+        run.train(None, overrides=["train.steps=8"], out=None, resume=str(tmp_path / "b"))
+        ev = run.evaluate(str(tmp_path / "a"), data=str(small_text))
+    finally:
+        torch.set_num_threads(threads)
+
+    def losses(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "split" not in r]
 
     assert len(losses("a")) == 8 and losses("a") == losses("b")
-    ev = json.loads(run_tfx("eval", str(tmp_path / "a"), "--data", str(small_text), "--json", check=True).stdout)
     assert ev["tokens"] == len(small_text.read_text(encoding="utf-8"))  # every character scored once

@@ -170,16 +170,16 @@ def test_the_recipe_check_gives_the_reason():
 
 
 def test_cli_refuses_a_bidirectional_only_kind_in_a_decoder_and_prints_the_matrix(tmp_path):
-    from conftest import run_tfx
+    from conftest import tfx_in_process
 
     text = tmp_path / "t.txt"
     text.write_text("some text\n" * 50)
-    proc = run_tfx("train", "recipes/lm/shakespeare-char.toml", "--set", f"data.train={text}",
+    proc = tfx_in_process("train", "recipes/lm/shakespeare-char.toml", "--set", f"data.train={text}",
                    "--set", "data.corpus=''", "--set", "model.attention.kind=linformer", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2, proc.stderr
     assert "'linformer' cannot be causal" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
-    matrix = json.loads(run_tfx("recipe", "kinds", "--json", check=True).stdout)
+    matrix = json.loads(tfx_in_process("recipe", "kinds", "--json").stdout)
     rows = {r["kind"]: r for r in matrix["attention"]}
     assert set(rows) == set(ATTENTION.names())
     assert rows["linformer"]["causal"] is False and "alibi" not in rows["linear"]["positions"]
