@@ -15,6 +15,7 @@ themselves (short-circuited, so exactly), and so does a query with no neighbour 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -141,29 +142,38 @@ def interpolate(lm: Tensor, knn: Tensor, lam: float) -> Tensor:
 # ----------------------------------------------------------------------------- scoring a text
 
 def _retrieved(model, store, ids, *, k: int, nprobe, candidates, context, stride, batch_size, device, max_tokens,
-               queries: int = 8192):
+               queries: int = 8192, log=None):
     """Yield (target index, LM log-prob, dists, values, target) per group of about `queries` tokens
-    (faiss searches a large batch of queries much faster than many small ones)."""
+    (faiss searches a large batch of queries much faster than many small ones); with `log`, progress
+    goes there (a bar on a terminal)."""
+    from tfx.memory.datastore import Meter
+
     buffer: list[tuple] = []
+    total = min(ids.numel() - 1, max_tokens if max_tokens is not None else ids.numel())
+    meter = Meter(total, "knn retrieve", log or (lambda line: None))
 
     def flush():
         pos, key, lp, target = (torch.cat([b[i] for b in buffer]) for i in range(4))
         buffer.clear()
         dists, vals = store.search(key, k, nprobe=nprobe, candidates=candidates)
+        meter.advance(len(pos))
         return pos, lp, dists, vals, target
 
-    for part in scored_positions(model, ids, context=context, stride=stride, batch_size=batch_size,
-                                 device=device, max_tokens=max_tokens):
-        buffer.append(part)
-        if sum(len(b[0]) for b in buffer) >= queries:
+    with meter if log else nullcontext():
+        for part in scored_positions(model, ids, context=context, stride=stride, batch_size=batch_size,
+                                     device=device, max_tokens=max_tokens):
+            buffer.append(part)
+            if sum(len(b[0]) for b in buffer) >= queries:
+                yield flush()
+        if buffer:
             yield flush()
-    if buffer:
-        yield flush()
 
 
 def knn_token_logprobs(model, store, ids: Tensor, settings: KNNSettings, *, context: int, stride: int | None = None,
-                       batch_size: int = 32, device="cpu", max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs of ids[1:] (in text order, float64): (the LM's, the interpolated ones)."""
+                       batch_size: int = 32, device="cpu", max_tokens: int | None = None,
+                       log=None) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of ids[1:] (in text order, float64): (the LM's, the interpolated ones);
+    progress of the retrieval to `log`."""
     n = min(ids.numel() - 1, max_tokens if max_tokens is not None else ids.numel())
     lm, mixed = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
     if settings.lam == 0:  # no retrieval needed: the LM's log-probs are the answer
@@ -173,7 +183,8 @@ def knn_token_logprobs(model, store, ids: Tensor, settings: KNNSettings, *, cont
         return lm, lm.clone()
     for pos, lp, dists, vals, target in _retrieved(model, store, ids, k=settings.k, nprobe=settings.nprobe,
                                                    candidates=settings.candidates, context=context, stride=stride,
-                                                   batch_size=batch_size, device=device, max_tokens=max_tokens):
+                                                   batch_size=batch_size, device=device, max_tokens=max_tokens,
+                                                   log=log):
         lm[pos - 1] = lp
         mixed[pos - 1] = interpolate(lp, knn_target_logprob(dists, vals, target, settings.temperature), settings.lam)
     return lm, mixed
@@ -189,7 +200,7 @@ def tune(model, store, ids: Tensor, *, context: int, stride: int | None = None, 
     """
     ks = [k for k in KS if k <= store.count] or [store.count]
     parts = list(_retrieved(model, store, ids, k=max(ks), nprobe=nprobe, candidates=candidates, context=context,
-                            stride=stride, batch_size=batch_size, device=device, max_tokens=max_tokens))
+                            stride=stride, batch_size=batch_size, device=device, max_tokens=max_tokens, log=log))
     lm = torch.cat([p[1] for p in parts])
     dists, vals, target = (torch.cat([p[i] for p in parts]) for i in (2, 3, 4))
     n = lm.numel()

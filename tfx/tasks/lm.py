@@ -114,7 +114,7 @@ class LMTask(Task):
 
         store, settings = knn
         lm, mixed = knn_token_logprobs(model, store, ids, settings, context=context, stride=stride,
-                                       batch_size=batch_size, device=device)
+                                       batch_size=batch_size, device=device, log=log)
         knn_result = {**lm_metrics(-float(mixed.sum()), mixed.numel(), n_bytes), **settings.as_dict(),
                       "index": store.kind, "store_size": store.count}
         return {**lm_metrics(-float(lm.sum()), lm.numel(), n_bytes), "context": context,
