@@ -45,3 +45,28 @@ def test_memory_kinds_refuse_other_families():
         with pytest.raises(UsageError, match="lm family"):
             validate({"family": "classifier", "data": {"train": "x.tsv"},
                       "model": {"position": {"kind": "rope"}, "memory": {"kind": memory}}})
+
+
+def test_data_blocks_order_the_lm_training_text():
+    from types import SimpleNamespace
+
+    from tfx.data.batching import DataPosition
+    from tfx.tasks.lm import LMTask
+
+    for memory in MEMORIES:
+        with pytest.raises(UsageError, match="data.blocks: 'random'"):
+            validate({"data": {"train": "x.txt", "blocks": "random"},
+                      "model": {"position": {"kind": "rope"}, "memory": {"kind": memory, **MEMORIES[memory]}}})
+    with pytest.raises(UsageError, match="data.blocks: 'lanes' is for the lm family"):
+        validate({"family": "classifier", "data": {"train": "x.tsv", "blocks": "lanes"}})
+    ids = torch.arange(1000)
+    seen = {}
+    for blocks in ("auto", "random", "lanes"):
+        recipe = validate({"data": {"train": "x.txt", "blocks": blocks}, "model": {"context": 8},
+                           "train": {"batch_size": 2}})
+        task = LMTask(recipe, None)
+        task.load_split = lambda tokenizer, split, fetch=False: (ids, 1000) if split == "train" else None
+        batches, _ = task.prepare(SimpleNamespace(vocab_size=1000), rank=0, world=1)
+        first, second = (b["input"] for b, _ in (lambda it: (next(it), next(it)))(batches(DataPosition())))
+        seen[blocks] = bool(torch.equal(second[:, 0], first[:, -1] + 1))  # each row reads on
+    assert seen == {"auto": False, "random": False, "lanes": True}

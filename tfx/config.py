@@ -35,6 +35,9 @@ class DataConfig(Strict):
     src_lang: str = "src"              # seq2seq: PREFIX.src_lang / PREFIX.tgt_lang, or JSONL translation keys
     tgt_lang: str = "tgt"
     max_len: int | None = Field(None, gt=0)  # seq2seq/classifier: drop training examples longer (in tokens)
+    # lm training blocks: random (packed windows at random offsets), lanes (each batch row reads the
+    # text on in order, as a segment memory needs), or auto (lanes with a memory, random otherwise)
+    blocks: Literal["auto", "random", "lanes"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

@@ -56,6 +56,8 @@ def problems(recipe) -> list[str]:
     if pos.needs_score_mods and not kernel.supports_score_mods:
         out.append(f"model.position.kind: {position!r} needs the attention weights themselves "
                    f"(relative values or distance scaling), which only the dense kernel materialises")
+    if recipe.data.blocks != "auto" and recipe.family != "lm":
+        out.append(f"data.blocks: {recipe.data.blocks!r} is for the lm family (it orders an LM's training blocks)")
     from tfx.nn.recurrence import memory_problems
 
     out.extend(memory_problems(recipe))

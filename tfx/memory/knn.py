@@ -24,8 +24,9 @@ from torch import Tensor
 from tfx.errors import UsageError
 
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-KS = (8, 16, 32, 64, 128, 256)
-T_FACTORS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16)  # times the median nearest-neighbour distance
+KS = (8, 16, 32, 64, 128, 256, 512, 1024)  # up to the paper's k = 1024
+# Temperatures, times the median nearest-neighbour distance: 1/16 ... 16 in steps of sqrt(2).
+T_FACTORS = tuple(2 ** (i / 2) for i in range(-8, 9))
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,9 @@ def memory_problems(recipe) -> list[str]:
     if m.memory.kind == "none":
         return []
     out = []
+    if recipe.data.blocks == "random":
+        out.append(f"data.blocks: 'random' gives each batch row unrelated text, but {m.memory.kind!r} carries its "
+                   f"memory from one segment to the next; use 'lanes' or 'auto'")
     if recipe.family != "lm":
         out.append(f"model.memory.kind: {m.memory.kind!r} is for the lm family")
     if not mem_len(m):  # no segment positions before the segment's own (a memorizing store alone)

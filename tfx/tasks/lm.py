@@ -47,7 +47,8 @@ class LMTask(Task):
         valid = self.load_split(tokenizer, "valid", fetch=True)
         log(f"{train_ids.numel():,} training tokens, vocabulary {tokenizer.vocab_size}"
             + (f", {valid[0].numel():,} validation tokens" if valid else ", no validation split"))
-        kind = StreamBlocks if recipe.model.memory.kind != "none" else PackedBlocks  # XL reads lanes in order
+        lanes = recipe.data.blocks == "lanes" or (recipe.data.blocks == "auto" and recipe.model.memory.kind != "none")
+        kind = StreamBlocks if lanes else PackedBlocks  # a segment memory reads each lane in order
         blocks = kind(train_ids, block=recipe.model.context, seed=recipe.train.seed, rank=rank, world=world)
         batches = lambda pos: blocks.batches(recipe.train.batch_size, pos)  # noqa: E731
         if valid is None:
