@@ -10,8 +10,10 @@ Memories are sized alike: XL keeps mem_len = context positions per layer; the co
 keeps context/2 of them plus context/2 compressed slots at rate 2 (the same 128 slots covering
 192 past positions at context 128); the memorizing layer (one, second from the top, no XL
 memory) retrieves the top 32 of the last 16 x context keys of its stream; RMT reads and writes 16
-memory tokens per segment of context/2 tokens, backpropagating through the 2 segments of a block. Runs already in --out are reused, so a second call only
-prints the tables again.
+memory tokens per segment of context/2 tokens, backpropagating through the 2 segments of a block.
+base-lanes is the control: the base LM trained on its text in the memories' order (contiguous
+lanes, data.blocks = "lanes") instead of random blocks. Runs already in --out are reused, so a
+second call only prints the tables again.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def variants(context: int) -> dict[str, dict]:
     half = context // 2
     return {
         "base": {},
+        "base-lanes": {"data.blocks": '"lanes"'},  # the control: no memory, the memories' data order
         "xl": {"model.memory.kind": '"xl"', "model.memory.mem_len": context},
         "compressive": {"model.memory.kind": '"compressive"', "model.memory.mem_len": half,
                         "model.memory.cmem_len": half, "model.memory.rate": 2,
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs/memory"))
     ap.add_argument("--stream-tokens", type=int, default=8192, help="tokens of valid read as 4 streams")
     ap.add_argument("--no-knn", action="store_true")
+    ap.add_argument("--knn-stride", type=int, default=64, help="window stride of the kNN-LM's keys and queries")
     args = ap.parse_args()
     out = Path(args.out)
     tfx("data", "get", "shakespeare")
@@ -74,8 +78,9 @@ def main() -> None:
     if not args.no_knn:
         if not (base / "knn" / "settings.json").exists():
             print("kNN-LM: datastore of the training set, tuning on valid ...", file=sys.stderr, flush=True)
-            tfx("knn", "build", str(base), "--split", "train")
-            tfx("knn", "tune", str(base), "--split", "valid", "--json")
+            stride = ["--stride", str(args.knn_stride)]
+            tfx("knn", "build", str(base), "--split", "train", *stride)
+            tfx("knn", "tune", str(base), "--split", "valid", "--json", *stride)
         knn = evaluate(base, "--split", "test", "--knn")
     print(f"{'memory':<14} {'valid ppl':>10} {'valid loss':>11} {'train tok/s':>12}")
     for name, ppl, loss, speed in rows:
