@@ -56,15 +56,20 @@ def env(shakespeare):
     return {"TFX_DATA": str(shakespeare)}
 
 
-def test_cli_bench_train_json(env):
-    proc = run_tfx("bench", "train", RECIPE, *sets(*TINY), "--steps", "3", "--warmup", "1", "--json", env=env,
-                   check=True)
+def test_cli_bench_train_json(env, tmp_path):
+    trace = tmp_path / "trace.json"
+    proc = run_tfx("bench", "train", RECIPE, *sets(*TINY), "--steps", "3", "--warmup", "1", "--json",
+                   "--profile", str(trace), env=env, check=True)
     row = json.loads(proc.stdout)
     assert row["steps"] == 3 and row["tokens_per_step"] == 4 * 32 and row["family"] == "lm"
     assert row["ms_min"] <= row["ms_per_step"] <= row["ms_max"] and 0 <= row["data_frac"] < 1
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / row["ceiling_flops"])
     assert "bench train" in proc.stderr
+    assert "aten::mm" in proc.stderr and "profiled steps" in proc.stderr  # the operator table
+    assert any(e.get("name") == "aten::mm" for e in json.loads(trace.read_text())["traceEvents"])
+    bad = tfx_in_process("bench", "train", RECIPE, "--profile", str(tmp_path / "no" / "trace.json"), env=env)
+    assert bad.returncode == 2 and "no such directory" in bad.stderr
     bad = tfx_in_process("bench", "train", RECIPE, "--set", "model.nope=1", env=env)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
 

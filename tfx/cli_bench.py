@@ -108,14 +108,20 @@ def bench_train_cmd(
     warmup: int = typer.Option(3, min=1, help="Untimed steps first (allocator, caches, autotuning)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
     csv_out: bool = typer.Option(False, "--csv", help="One CSV row on stdout."),
+    profile: Optional[Path] = typer.Option(None, help="After the timed steps, profile 10 more with torch.profiler: "
+                                                      "a table of the costliest operators on stderr, and a Chrome "
+                                                      "trace written to this file (chrome://tracing, Perfetto)."),
 ):
     """Time the recipe's real training step: tokens/s, ms/step (median, min, max), the wait for
     data, peak RSS, model FLOPs per token (counted) and MFU against a matmul ceiling measured here
-    at the same precision. Nothing is saved."""
+    at the same precision. Nothing is saved but the --profile trace."""
     from tfx.bench.train import bench_train
 
     fmt = output_format(json_out, csv_out)
-    row = bench_train(str(recipe), overrides=list(overrides or []), steps=steps, warmup=warmup, log=err)
+    if profile is not None and not profile.parent.is_dir():
+        raise UsageError(f"--profile {profile}: no such directory {profile.parent}")
+    row = bench_train(str(recipe), overrides=list(overrides or []), steps=steps, warmup=warmup, log=err,
+                      profile=str(profile) if profile else None)
     _emit_row(row, fmt, f"train step: {row['recipe']} ({row['precision']}, {row['device']})")
 
 

@@ -72,9 +72,30 @@ def step_flops(model, micro: list[dict], autocast) -> int:
     return counter.get_total_flops()
 
 
+PROFILED_STEPS = 10
+
+
+def profile_steps(run_step: Callable[[], None], device: torch.device, trace: str, log: Callable[[str], None]) -> None:
+    """Run PROFILED_STEPS steps under torch.profiler (after the timing, so it never slows the timed
+    ones): log a table of the operators with the most self time, write a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            run_step()
+            sync_device(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(f"bench train: {PROFILED_STEPS} profiled steps, operators by self time:\n"
+        + prof.key_averages().table(sort_by=sort, row_limit=20))
+    prof.export_chrome_trace(trace)
+    log(f"bench train: trace written to {trace}")
+
+
 def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: int,
-                log: Callable[[str], None]) -> dict:
-    """Time `steps` training steps after `warmup` untimed ones; returns one result row."""
+                log: Callable[[str], None], profile: str | None = None) -> dict:
+    """Time `steps` training steps after `warmup` untimed ones; returns one result row. With
+    `profile` (a path), then profile a few more steps (profile_steps)."""
     from tfx import config as C
     from tfx.data.batching import DataPosition
     from tfx.models import build_model
@@ -129,6 +150,8 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
             losses.append(float(loss_sum) / n_tokens)  # after the clock: the bench's own host sync
             if (i + 1) % max(1, steps // 5) == 0:
                 log(f"bench train: step {i + 1}/{steps}, {1000 * statistics.median(step_s):.0f} ms/step")
+        if profile:
+            profile_steps(lambda: stepper(next_micro(), states), device, profile, log)
         ceiling = matmul_ceiling(device, cfg.precision)
     elapsed = sum(step_s)
     tokens_per_s = tokens / elapsed
