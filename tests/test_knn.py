@@ -93,6 +93,26 @@ def test_knn_distribution_matches_the_definition():
     assert torch.equal(interpolate(lm[:1], nothing, 0.5), lm[:1])
 
 
+def test_every_k_at_once_equals_each_k_by_its_definition():
+    from tfx.memory.knn import knn_target_logprob_by_k
+
+    g = torch.Generator().manual_seed(0)
+    dists = (torch.rand(50, 16, generator=g) * 40).sort(-1).values  # nearest first, as faiss returns them
+    dists[3, 5:] = float("inf")  # a row with only 5 neighbours found
+    dists[7] = float("inf")  # and one with none
+    vals = torch.randint(0, 4, (50, 16), generator=g)
+    targets = torch.randint(0, 4, (50,), generator=g)
+    for temp in (0.5, 3.0):
+        got = knn_target_logprob_by_k(dists, vals, targets, temp, [1, 4, 16], rows=7)  # several row chunks
+        for k in (1, 4, 16):
+            scores = -dists[:, :k].double() / temp
+            norm = torch.logsumexp(scores, -1)
+            want = torch.logsumexp(scores.masked_fill(vals[:, :k] != targets[:, None], float("-inf")), -1) - norm
+            want = want.masked_fill(torch.isneginf(norm), float("nan"))
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-12, equal_nan=True)
+    assert torch.isnan(got[16][7]) and torch.isneginf(got[1]).any()  # no neighbour; target not among them
+
+
 def test_the_key_is_the_last_blocks_ffn_input(built):
     model, ids, _ = built
     seen = []

@@ -116,11 +116,29 @@ def scored_positions(model, ids: Tensor, *, context: int, stride: int | None = N
 def knn_target_logprob(dists: Tensor, vals: Tensor, targets: Tensor, temperature: float) -> Tensor:
     """log p_knn(target) per row: dists (N, k) (inf = no neighbour), vals (N, k), targets (N,)
     -> (N,) float64; -inf where no neighbour holds the target, nan where no neighbour was found."""
-    scores = -dists.double() / temperature  # (N, k)
-    norm = torch.logsumexp(scores, -1)  # (N,)
-    hit = torch.logsumexp(scores.masked_fill(vals != targets[:, None], float("-inf")), -1)
-    out = hit - norm
-    return out.masked_fill(torch.isneginf(norm), float("nan"))
+    k = dists.shape[1]
+    return knn_target_logprob_by_k(dists, vals, targets, temperature, [k])[k]
+
+
+def knn_target_logprob_by_k(dists: Tensor, vals: Tensor, targets: Tensor, temperature: float, ks,
+                            rows: int = 8192) -> dict[int, Tensor]:
+    """knn_target_logprob over the first k neighbours of each row, for every k in `ks` at once
+    (tune's grid): cumulative sums of the weights exp(-(d - d_min) / T) along the neighbours, whose
+    k-th entries are the k-neighbour sums. Subtracting each row's nearest distance first keeps
+    every weight in (0, 1] without changing the ratio. Neighbours come nearest first (as faiss
+    gives them), so no prefix's weights all underflow. Rows are done `rows` at a time."""
+    out = {k: torch.empty(dists.shape[0], dtype=torch.float64) for k in ks}
+    for start in range(0, dists.shape[0], rows):
+        d = dists[start:start + rows].double()
+        nearest = d.amin(-1, keepdim=True)
+        nearest = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
+        w = torch.exp((nearest - d) / temperature)  # 0 for a missing neighbour (inf distance)
+        norm = w.cumsum(-1)
+        hit = w.mul_(vals[start:start + rows] == targets[start:start + rows, None]).cumsum_(-1)
+        for k in ks:
+            n = norm[:, k - 1]
+            out[k][start:start + rows] = (hit[:, k - 1].log() - n.log()).masked_fill(n == 0, float("nan"))
+    return out
 
 
 def knn_logprobs(dists: Tensor, vals: Tensor, vocab: int, temperature: float) -> Tensor:
@@ -212,9 +230,9 @@ def tune(model, store, ids: Tensor, *, context: int, stride: int | None = None, 
         f"(median nearest distance {scale:.4g})")
     base = -float(lm.sum()) / n
     rows = []
-    for k in ks:
-        for temp in temps:
-            knn = knn_target_logprob(dists[:, :k], vals[:, :k], target, temp)
+    for temp in temps:
+        by_k = knn_target_logprob_by_k(dists, vals, target, temp, ks)
+        for k, knn in by_k.items():
             for lam in LAMBDAS:
                 loss = -float(interpolate(lm, knn, lam).sum()) / n
                 rows.append({"lambda": lam, "k": k, "temperature": temp, "loss": loss,
