@@ -94,7 +94,7 @@ def test_knn_distribution_matches_the_definition():
 
 
 def test_every_k_at_once_equals_each_k_by_its_definition():
-    from tfx.memory.knn import knn_target_logprob_by_k
+    from tfx.memory.knn import knn_target_logprob_grid
 
     g = torch.Generator().manual_seed(0)
     dists = (torch.rand(50, 16, generator=g) * 40).sort(-1).values  # nearest first, as faiss returns them
@@ -102,8 +102,9 @@ def test_every_k_at_once_equals_each_k_by_its_definition():
     dists[7] = float("inf")  # and one with none
     vals = torch.randint(0, 4, (50, 16), generator=g)
     targets = torch.randint(0, 4, (50,), generator=g)
+    grid = knn_target_logprob_grid(dists, vals, targets, [0.5, 3.0], [1, 4, 16], rows=7)  # several row chunks
     for temp in (0.5, 3.0):
-        got = knn_target_logprob_by_k(dists, vals, targets, temp, [1, 4, 16], rows=7)  # several row chunks
+        got = {k: grid[temp, k] for k in (1, 4, 16)}
         for k in (1, 4, 16):
             scores = -dists[:, :k].double() / temp
             norm = torch.logsumexp(scores, -1)

@@ -117,27 +117,30 @@ def knn_target_logprob(dists: Tensor, vals: Tensor, targets: Tensor, temperature
     """log p_knn(target) per row: dists (N, k) (inf = no neighbour), vals (N, k), targets (N,)
     -> (N,) float64; -inf where no neighbour holds the target, nan where no neighbour was found."""
     k = dists.shape[1]
-    return knn_target_logprob_by_k(dists, vals, targets, temperature, [k])[k]
+    return knn_target_logprob_grid(dists, vals, targets, [temperature], [k])[temperature, k]
 
 
-def knn_target_logprob_by_k(dists: Tensor, vals: Tensor, targets: Tensor, temperature: float, ks,
-                            rows: int = 8192) -> dict[int, Tensor]:
-    """knn_target_logprob over the first k neighbours of each row, for every k in `ks` at once
-    (tune's grid): cumulative sums of the weights exp(-(d - d_min) / T) along the neighbours, whose
-    k-th entries are the k-neighbour sums. Subtracting each row's nearest distance first keeps
-    every weight in (0, 1] without changing the ratio. Neighbours come nearest first (as faiss
-    gives them), so no prefix's weights all underflow. Rows are done `rows` at a time."""
-    out = {k: torch.empty(dists.shape[0], dtype=torch.float64) for k in ks}
+def knn_target_logprob_grid(dists: Tensor, vals: Tensor, targets: Tensor, temperatures, ks,
+                            rows: int = 8192) -> dict[tuple[float, int], Tensor]:
+    """knn_target_logprob for every temperature T and every k (the first k neighbours of each row)
+    at once, keyed (T, k) (tune's grid): per T, cumulative sums of the weights exp(-(d - d_min) / T)
+    along the neighbours, whose k-th entries are the k-neighbour sums. Subtracting each row's
+    nearest distance keeps every weight in (0, 1] without changing the ratio; neighbours come
+    nearest first (as faiss gives them), so no prefix's weights all underflow. The distances'
+    offsets and the target matches are computed once per block of `rows` rows."""
+    out = {(t, k): torch.empty(dists.shape[0], dtype=torch.float64) for t in temperatures for k in ks}
     for start in range(0, dists.shape[0], rows):
         d = dists[start:start + rows].double()
         nearest = d.amin(-1, keepdim=True)
-        nearest = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
-        w = torch.exp((nearest - d) / temperature)  # 0 for a missing neighbour (inf distance)
-        norm = w.cumsum(-1)
-        hit = w.mul_(vals[start:start + rows] == targets[start:start + rows, None]).cumsum_(-1)
-        for k in ks:
-            n = norm[:, k - 1]
-            out[k][start:start + rows] = (hit[:, k - 1].log() - n.log()).masked_fill(n == 0, float("nan"))
+        offset = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest)) - d  # <= 0; -inf: missing
+        match = vals[start:start + rows] == targets[start:start + rows, None]
+        for t in temperatures:
+            w = torch.exp(offset / t)  # 0 for a missing neighbour
+            norm = w.cumsum(-1)
+            hit = w.mul_(match).cumsum_(-1)
+            for k in ks:
+                n = norm[:, k - 1]
+                out[t, k][start:start + rows] = (hit[:, k - 1].log() - n.log()).masked_fill(n == 0, float("nan"))
     return out
 
 
@@ -230,13 +233,11 @@ def tune(model, store, ids: Tensor, *, context: int, stride: int | None = None, 
         f"(median nearest distance {scale:.4g})")
     base = -float(lm.sum()) / n
     rows = []
-    for temp in temps:
-        by_k = knn_target_logprob_by_k(dists, vals, target, temp, ks)
-        for k, knn in by_k.items():
-            for lam in LAMBDAS:
-                loss = -float(interpolate(lm, knn, lam).sum()) / n
-                rows.append({"lambda": lam, "k": k, "temperature": temp, "loss": loss,
-                             "perplexity": math.exp(min(loss, 700.0))})
+    for (temp, k), knn in knn_target_logprob_grid(dists, vals, target, temps, ks).items():
+        for lam in LAMBDAS:
+            loss = -float(interpolate(lm, knn, lam).sum()) / n
+            rows.append({"lambda": lam, "k": k, "temperature": temp, "loss": loss,
+                         "perplexity": math.exp(min(loss, 700.0))})
     rows.sort(key=lambda r: r["loss"])
     return {"base": {"loss": base, "perplexity": math.exp(min(base, 700.0))}, "tokens": n, "grid": rows,
             "temperatures": temps, "ks": ks, "lambdas": list(LAMBDAS)}
