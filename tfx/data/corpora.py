@@ -121,7 +121,9 @@ CORPORA: dict[str, Corpus] = {
         Corpus(
             name="vader-sentiment",
             description="VADER's human-rated tweets, movie/product reviews and NYT editorials "
-                        "(Hutto & Gilbert 2014) as pos/neg, TSV (text, label), 80/10/10",
+                        "(Hutto & Gilbert 2014) as pos/neg, TSV (text, label), 80/10/10; its movie "
+                        "snippets are Rotten Tomatoes snippets (10,453 of 10,605 match "
+                        "rotten-tomatoes): never train on one and test on the other",
             package="vaderSentiment==3.3.2",
             license="MIT",
             convert=convert_vader,
