@@ -104,3 +104,39 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
     with pytest.raises(RunError, match="cannot load weights"):
         ckpt.load_weights(build_model(r, vocab_size=V), path)
+
+
+@pytest.mark.parametrize("metric, best_step", [("loss", 3), ("accuracy", 2)])
+def test_best_checkpoint_follows_best_metric(tmp_path, metric, best_step):
+    """best.safetensors holds the weights of the validation with the lowest loss, or the highest
+    accuracy when train.best_metric says so; the two differ on purpose here."""
+    r = validate({"family": "classifier", "data": {"train": "x"},
+                  "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context": 12},
+                  "train": {"steps": 3, "device": "cpu", "log_every": 1, "save_every": 0, "eval_every": 1,
+                            "best_metric": metric}})
+    torch.manual_seed(0)
+    model = build_model(recipe(), vocab_size=V)  # any model: the loop only reads the validation numbers
+    scripted = [{"loss": 0.6, "accuracy": 0.5}, {"loss": 0.7, "accuracy": 0.8}, {"loss": 0.5, "accuracy": 0.7}]
+    seen = []
+
+    def validate_fn(m):
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return scripted[len(seen) - 1]
+
+    train_loop(cfg=r.train, model=model, batches=fixed_batches(4), validate=validate_fn, run_dir=tmp_path,
+               resume=False, log=lambda m: None)
+    assert len(seen) == 3
+    best = build_model(recipe(), vocab_size=V)
+    ckpt.load_weights(best, tmp_path / "best.safetensors")
+    for key, value in best.state_dict().items():
+        assert torch.equal(value, seen[best_step - 1][key])
+    assert not all(torch.equal(best.state_dict()[k], seen[0][k]) for k in seen[0])  # the steps differ
+
+
+def test_best_metric_must_be_reported_by_the_family():
+    with pytest.raises(Exception, match="reports loss"):
+        validate({"data": {"train": "x"}, "train": {"best_metric": "accuracy"}})
+    with pytest.raises(Exception, match="need train.eval_bleu"):
+        validate({"family": "seq2seq", "data": {"train": "x"}, "train": {"best_metric": "bleu"}})
+    assert validate({"family": "seq2seq", "data": {"train": "x"},
+                     "train": {"best_metric": "bleu", "eval_bleu": True}}).train.best_metric == "bleu"

@@ -95,6 +95,9 @@ class TrainConfig(Strict):
     eval_tokens: int | None = Field(None, gt=0)  # cap on validation tokens during training
     log_every: int = Field(10, gt=0)
     save_every: int = Field(250, ge=0)  # 0: only at the end
+    # the validation metric that picks best.safetensors: loss (lower is better) or, where the family
+    # reports them, accuracy / macro_f1 (classifier) or bleu / chrf (seq2seq with eval_bleu; higher is better)
+    best_metric: Literal["loss", "accuracy", "macro_f1", "bleu", "chrf"] = "loss"
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast
@@ -124,6 +127,27 @@ class RecipeBase(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
+
+    @model_validator(mode="after")
+    def _best_metric(self) -> "RecipeBase":
+        metric, reported = self.train.best_metric, validation_metrics(self)
+        if metric not in reported:
+            raise ValueError(f"train.best_metric = {metric!r}: validation of family {self.family!r} reports "
+                             + ", ".join(sorted(reported))
+                             + (" (bleu and chrf need train.eval_bleu = true)" if self.family == "seq2seq" else ""))
+        return self
+
+
+HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1", "bleu", "chrf"})
+
+
+def validation_metrics(recipe) -> set[str]:
+    """The numbers a family's validation reports, any of which can pick best.safetensors."""
+    if recipe.family == "classifier":
+        return {"loss", "accuracy", "macro_f1"}
+    if recipe.family == "seq2seq" and recipe.train.eval_bleu:
+        return {"loss", "bleu", "chrf"}
+    return {"loss"}
 
 
 def _tagged(reg: Registry, default: str) -> Any:

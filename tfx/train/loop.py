@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from tfx.config import HIGHER_IS_BETTER
 from tfx.data.batching import DataPosition
 from tfx.errors import RunError
 from tfx.nn.attention.base import aux_losses
@@ -151,6 +152,8 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
     if resume:
         trainer, extra = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
         step, position, best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
+        if trainer.get("best_metric", "loss") != cfg.best_metric:
+            best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
         torch.set_rng_state(extra["rng_cpu"])
         for j, carried in enumerate(extra.get("memory") or []):
             if carried and j < len(states):
@@ -183,7 +186,7 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         carried = [s.carried() if s is not None else None for s in states]
         if any(carried):  # so a resume continues the segment memory
             extra["memory"] = carried
-        trainer = {"step": step, "data": asdict(position), "best": best}
+        trainer = {"step": step, "data": asdict(position), "best": best, "best_metric": cfg.best_metric}
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra,
                              keep=cfg.keep_checkpoints)
         last_saved = step
@@ -193,8 +196,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         result = {k: v for k, v in validate(model).items() if isinstance(v, (int, float, str))}
         write({"step": step, "split": "valid", **result})
         log(f"step {step} | valid " + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
-        if result["loss"] < best and rank == 0:
-            best = result["loss"]
+        score = -result[cfg.best_metric] if cfg.best_metric in HIGHER_IS_BETTER else result[cfg.best_metric]
+        if score < best and rank == 0:  # `best` is kept as a number to lower, whatever the metric
+            best = score
             ckpt.save_weights(model, run_dir / "best.safetensors")
         return result
 
