@@ -230,3 +230,14 @@ def test_char_encode_is_vectorised_enough():
     tok = CharTokenizer(chars=set(SAMPLE))
     ids = tok.encode(text)
     assert len(ids) == len(text) and tok.unk_id not in ids
+
+
+def test_sentencepiece_lowercase_folds_case_in_training_and_encoding(tmp_path):
+    folded = train_tokenizer(SentencePieceConfig(vocab_size=400, lowercase=True), [SAMPLE])
+    kept = train_tokenizer(SentencePieceConfig(vocab_size=400), [SAMPLE])
+    text = "We Are MET on a great Battle-field"
+    assert folded.encode(text) == folded.encode(text.lower())
+    assert folded.decode(folded.encode(text)) == text.lower()
+    assert kept.encode(text) != kept.encode(text.lower())  # the default keeps case
+    folded.save(tmp_path / "sp")
+    assert load_tokenizer(tmp_path / "sp").encode(text) == folded.encode(text.lower())

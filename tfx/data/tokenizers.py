@@ -46,6 +46,10 @@ class SentencePieceConfig(KindConfig):
     character_coverage: float = Field(1.0, gt=0.0, le=1.0)
     # Unseen characters become their UTF-8 bytes instead of unk; costs 256 ids of the vocabulary.
     byte_fallback: bool = True
+    # Case-fold (and NFKC-normalise) every text, in training and in encoding alike, so "Great" and
+    # "great" are one token: for classifiers and pretraining on lowercased corpora; decode then gives
+    # the folded text.
+    lowercase: bool = False
     path: str | None = None
 
 
@@ -203,7 +207,7 @@ class SentencePieceTokenizer(Tokenizer):
     ``<nl>`` between lines. Control pieces never come out of encoding text, so a literal "<nl>"
     in the text stays text. Whitespace is kept as is (identity normalisation, no collapsing), so
     ``decode(encode(text)) == text``, except that U+2581 (sentencepiece's own space mark) decodes
-    as a space.
+    as a space, and that ``lowercase = true`` folds case (with NFKC) in training and encoding.
     """
 
     kind = "sentencepiece"
@@ -242,8 +246,9 @@ class SentencePieceTokenizer(Tokenizer):
                 character_coverage=cfg.character_coverage, byte_fallback=cfg.byte_fallback,
                 pad_id=0, bos_id=1, eos_id=2, unk_id=3, control_symbols=[NEWLINE_PIECE],
                 unk_surface=REPLACEMENT,
-                # keep the text exactly: no NFKC, no collapsing of repeated spaces
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                # keep the text exactly (no NFKC, no collapsing of repeated spaces) unless it is to be
+                # case-folded; the rule is saved in the model, so encoding folds the same way
+                normalization_rule_name="nfkc_cf" if cfg.lowercase else "identity", remove_extra_whitespaces=False,
                 split_by_whitespace=True, allow_whitespace_only_pieces=True,
                 # a small corpus gets a smaller vocabulary instead of an error
                 hard_vocab_limit=False,
