@@ -28,8 +28,12 @@ class MaskedLM(nn.Module):
         return self.head(h)  # (B, T, vocab)
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
+        """Summed loss over the masked positions; only their states go through the output head
+        (~15% of the tokens), as in BERT's reference pretraining code."""
         h, _ = self.encoder(batch["input"], key_padding_mask=batch.get("mask"))
-        return head_loss(self.head, h, batch["target"]), {}, None
+        target = batch["target"]
+        picked = target != IGNORE
+        return head_loss(self.head, h[picked][None], target[picked][None]), {}, None  # (1, masked, d)
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
