@@ -4,7 +4,7 @@ on the same split, printing test accuracy and macro-F1 of each.
 
     python scripts/compare_tfidf.py [--corpus rotten-tomatoes] [--steps 1500] [--pretrained]
 
---pretrained also runs masked-LM pretraining (recipes/classifier/mlm-rotten-tomatoes.toml) and
+--pretrained also runs masked-LM pretraining (recipes/classifier/mlm-movie-reviews.toml) and
 the fine-tuned classifier. Needs scikit-learn (pip install -e ".[dev]").
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
         tfx("train", str(recipe), *extra, "--out", f"{tmp}/clf")
         rows.append(("tfx " + recipe.name, json.loads(tfx("eval", f"{tmp}/clf", "--split", "test", "--json"))))
         if args.pretrained:
-            tfx("train", str(REPO / "recipes/classifier/mlm-rotten-tomatoes.toml"), "--out", f"{tmp}/mlm")
+            tfx("train", str(REPO / "recipes/classifier/mlm-movie-reviews.toml"), "--out", f"{tmp}/mlm")
             tfx("train", str(REPO / "recipes/classifier/rotten-tomatoes-pretrained.toml"), *extra,
                 "--set", f"init_from={tmp}/mlm", "--out", f"{tmp}/ft")
             rows.append(("tfx MLM-pretrained + fine-tuned",

@@ -17,7 +17,7 @@ SMALL = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "train.log_ever
 @pytest.fixture(scope="module")
 def data_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("famdata")
-    for name in ("bible-de-en", "rotten-tomatoes"):
+    for name in ("bible-de-en", "rotten-tomatoes", "movie-reviews"):
         run_tfx("data", "get", name, env={"TFX_DATA": str(root)}, check=True)
     return {"TFX_DATA": str(root)}, root
 
@@ -85,7 +85,7 @@ def test_average_last_checkpoints(mt_run, tmp_path, data_env):
 def mlm_run(tmp_path_factory, data_env):
     env, _ = data_env
     out = tmp_path_factory.mktemp("mlm") / "run"
-    run_tfx("train", str(REPO / "recipes/classifier/mlm-rotten-tomatoes.toml"),
+    run_tfx("train", str(REPO / "recipes/classifier/mlm-movie-reviews.toml"),
             *sets(*SMALL, "model.n_layers=1", "model.context=32", "tokenizer.vocab_size=500", "train.steps=4",
                   "train.batch_size=8", "train.eval_every=4"),
             "--out", str(out), env=env, check=True)
