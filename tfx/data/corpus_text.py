@@ -294,7 +294,6 @@ def convert_movie_reviews(archive: Path) -> tuple[dict[str, str], dict]:
         if member is None:
             raise RunError(f"{archive.name} has no {PANG_LEE_MEMBER}")
         text = member.read().decode("utf-8-sig")
-    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     rows = []
     for fields in csv.reader(io.StringIO(text, newline="")):
         if len(fields) != 2 or fields[0] not in ("1", "-1"):
