@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 
-def emit(rows: list[dict], columns: list[str], *, title: str, fmt: str = "table") -> None:
+def emit(rows: list[dict], columns: list[str], *, title: str, fmt: str = "table", console=None) -> None:
+    """Rows as JSON, CSV or a rich table; `console` is the rich Console the table goes to (the
+    CLI passes one that never cuts a cell when stdout is not a terminal)."""
     if fmt == "json":
         print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -21,7 +23,7 @@ def emit(rows: list[dict], columns: list[str], *, title: str, fmt: str = "table"
         table = Table(*columns, title=title)
         for r in rows:
             table.add_row(*(_cell(r.get(c)) for c in columns))
-        Console(highlight=False).print(table)
+        (console or Console(highlight=False)).print(table)
 
 
 def _cell(value) -> str:
