@@ -195,7 +195,7 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(char_run, tmp_path, env):
 
 
 def test_stop_strings_take_backslash_escapes():
-    from tfx.cli import unescape
+    from tfx.cli.common import unescape
 
     assert unescape("a\\nb") == "a\nb" and unescape("a\\\\nb") == "a\\nb" and unescape("ü\\t\\x") == "ü\t\\x"
 

@@ -1,3 +1,3 @@
-from tfx.cli import main
+from tfx.cli.app import main
 
 main()

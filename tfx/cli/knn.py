@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from tfx.cli import check_checkpoint, check_split, err
+from tfx.cli.common import check_checkpoint, check_split, err
 from tfx.errors import UsageError
 
 knn_app = typer.Typer(help="kNN-LM (Khandelwal et al., 2020): a datastore of (context key, next token) inside "

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from tfx.cli import SET, err
+from tfx.cli.common import SET, err, out_console
 from tfx.errors import UsageError
 
 bench_app = typer.Typer(help="Speed and memory: a table, --json/--csv, a plot.", no_args_is_help=True)
@@ -78,7 +78,7 @@ def bench_attention_cmd(
                              d_head=d_head, dtype=dtype, device=device, repeats=repeats, budget_gib=budget,
                              max_seconds=max_seconds, params=params)
     rows = bench_attention(chosen, settings, log=err)
-    emit(rows, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt,
+    emit(rows, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt, console=out_console(),
          title=f"attention {mode}, {'causal' if causal else 'bidirectional'}, B={batch} H={heads} D={d_head} {dtype}")
     if plot is not None:
         loglog_plot(rows, x="T", panels=[("ms", "median ms per call"), ("peak_mib", "peak MiB")], series="kind",
@@ -97,7 +97,7 @@ def _emit_row(row: dict, fmt: str, title: str) -> None:
     elif fmt == "csv":
         emit([row], list(row), title=title, fmt="csv")
     else:
-        emit([{"key": k, "value": v} for k, v in row.items()], ["key", "value"], title=title)
+        emit([{"key": k, "value": v} for k, v in row.items()], ["key", "value"], title=title, console=out_console())
 
 
 @bench_app.command("train")

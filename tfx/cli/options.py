@@ -1,0 +1,68 @@
+"""Options that `tfx eval` and `tfx generate` share: decoding settings (validated by the recipe's
+own GenerateConfig), the kNN-LM's settings and the attention-sink cache."""
+from __future__ import annotations
+
+import typer
+
+from tfx.errors import UsageError
+
+STREAM_WINDOW = typer.Option(None, "--stream-window", help="lm: attention sinks (StreamingLLM): keep only the "
+                             "first --sinks and the last W tokens in the KV cache, at positions inside the "
+                             "cache, and read or generate past the context (relative positions only).")
+SINKS = typer.Option(None, help="With --stream-window: initial tokens always kept (default 4; 0 is a "
+                     "plain sliding window).")
+KNN_NPROBE = typer.Option(None, "--nprobe", help="With --knn, an IVF-PQ store: lists searched per query.")
+KNN_CANDIDATES = typer.Option(None, "--candidates", help="With --knn, an IVF-PQ store: keys its codes retrieve, "
+                              "re-ranked by exact distance before the k nearest are kept.")
+
+# GenerateConfig's fields as the command line spells them.
+FLAGS = {"max_new_tokens": "--max-new-tokens", "beam": "--beam", "temperature": "--temperature",
+         "top_k": "--top-k", "top_p": "--top-p", "compile": "--compile"}
+
+
+def check_decoding(**given) -> None:
+    """Validate the decoding options a user gave (None = not given) through GenerateConfig, the
+    model that validates a recipe's [generate] table, so the command line and the recipe share one
+    set of bounds. A bad value is a UsageError naming the option, the value and what is allowed."""
+    from pydantic import ValidationError
+
+    from tfx.config import GenerateConfig
+
+    try:
+        GenerateConfig.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise UsageError("; ".join(_explain(e) for e in exc.errors())) from None
+
+
+def _explain(error: dict) -> str:
+    name = str(error["loc"][0]) if error["loc"] else ""
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    allowed = error["msg"].removeprefix("Input should be ")
+    return f"{flag} {error.get('input')}: must be {allowed} (generate.{name} in a recipe)"
+
+
+def stream_options(window: int | None, sinks: int | None) -> dict:
+    """--stream-window/--sinks as generate settings ({} when not streaming)."""
+    if window is None:
+        if sinks is not None:
+            raise UsageError("--sinks applies to a sink cache: add --stream-window W")
+        return {}
+    if window <= 0 or (sinks is not None and sinks < 0):
+        raise UsageError("--stream-window must be positive and --sinks at least 0")
+    return {"stream_window": window, "sinks": 4 if sinks is None else sinks}
+
+
+def knn_overrides(knn: bool, lam: float | None, k: int | None, temperature: float | None,
+                  nprobe: int | None = None, candidates: int | None = None) -> dict | None:
+    """The --knn request as run.evaluate/generate_lines take it: None, or the explicit overrides."""
+    given = {"lam": lam, "k": k, "temperature": temperature, "nprobe": nprobe, "candidates": candidates}
+    if not knn:
+        if any(v is not None for v in given.values()):
+            raise UsageError("--lambda, --k, --nprobe, --candidates and the kNN temperature apply to the kNN-LM: "
+                             "add --knn")
+        return None
+    if lam is not None and not 0 <= lam <= 1:
+        raise UsageError(f"--lambda {lam}: expected a weight in [0, 1]")
+    if any(v is not None and v <= 0 for v in (k, temperature, nprobe, candidates)):
+        raise UsageError("--k, --nprobe, --candidates and the kNN temperature must be positive")
+    return {name: v for name, v in given.items() if v is not None}
