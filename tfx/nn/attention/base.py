@@ -137,3 +137,26 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
         table, index = spec.rel_values
         out = out + torch.einsum("bhqk,qkd->bhqd", weights, table[index].to(weights.dtype))
     return out
+
+
+def reference_attention_backward(q: Tensor, k: Tensor, v: Tensor, d_out: Tensor,
+                                 mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward pass of softmax attention derived by hand (course notes), in float64.
+
+    With S = Q·Kᵀ/√d (masked pairs -inf), A = softmax(S) row-wise and O = A·V, for dO = ∂L/∂O:
+    dV = Aᵀ·dO, dA = dO·Vᵀ, dS = A ∘ (dA − rowsum(dA ∘ A)), dQ = dS·K/√d, dK = dSᵀ·Q/√d.
+    `mask` is a boolean (B|1, H|1, Tq, Tk), True = attend; rows with no allowed key give zeros.
+    q (B, H, Tq, D), k and v (B, H, Tk, D). Returns (dQ, dK, dV) in float64.
+    """
+    q, k, v, d_out = (t.double() for t in (q, k, v, d_out))
+    scale = 1 / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-1, -2) * scale  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    a = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, Tq, Tk)
+    dv = a.transpose(-1, -2) @ d_out  # (B, H, Tk, D)
+    da = d_out @ v.transpose(-1, -2)  # (B, H, Tq, Tk)
+    ds = a * (da - (da * a).sum(-1, keepdim=True))  # (B, H, Tq, Tk)
+    dq = ds @ k * scale  # (B, H, Tq, D)
+    dk = ds.transpose(-1, -2) @ q * scale  # (B, H, Tk, D)
+    return dq, dk, dv
