@@ -40,7 +40,17 @@ BAD = {
     "unknown tokenizer kind": ("[tokenizer]\nkind = \"wordpiece\"\n", ["tokenizer.kind", "sentencepiece"]),
     "bad literal": ("[model]\nnorm = \"batchnorm\"\n", ["model.norm", "layernorm", "rmsnorm"]),
     "heads": ("[model]\nn_heads = 4\nn_kv_heads = 3\n", ["n_kv_heads"]),
+    "unknown memory kind": ("[model.memory]\nkind = \"xll\"\n",
+                            ["model.memory.kind", "'xll'", "allowed: compressive", "did you mean 'xl'"]),
 }
+
+
+def test_unknown_family_names_the_registered_ones(write):
+    path = write('family = "seq2sec"\n' + GOOD)
+    with pytest.raises(UsageError) as exc:
+        load_recipe(path)
+    for needle in ("family:", "'seq2sec'", "allowed: classifier, lm, mlm, seq2seq", "did you mean 'seq2seq'"):
+        assert needle in str(exc.value), str(exc.value)
 
 
 @pytest.mark.parametrize("case", BAD)

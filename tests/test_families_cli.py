@@ -115,8 +115,8 @@ def test_classifier_from_pretrained_encoder(mlm_run, data_env, tmp_path):
 
 def test_init_from_loads_the_encoder_and_a_new_head(mlm_run, tmp_path):
     from tfx.config import load_recipe
-    from tfx.models import build_model, init_from
-    from tfx.run import load_run
+    from tfx.families import build_model, init_encoder
+    from tfx.rundir import load_run
 
     _, tok, mlm = load_run(mlm_run)
     recipe = load_recipe(REPO / "recipes/classifier/rotten-tomatoes-pretrained.toml",
@@ -125,7 +125,7 @@ def test_init_from_loads_the_encoder_and_a_new_head(mlm_run, tmp_path):
     torch.manual_seed(0)
     clf = build_model(recipe, tokenizer=tok, run_dir=tmp_path)
     head = clf.head.weight.detach().clone()
-    init_from(clf, str(mlm_run), log=lambda m: None)
+    init_encoder(clf, mlm, where=str(mlm_run), log=lambda m: None)
     for key, value in mlm.encoder.state_dict().items():
         assert torch.equal(clf.encoder.state_dict()[key], value), key
     assert torch.equal(clf.head.weight, head)  # the head is the classifier's own, untouched
@@ -134,4 +134,4 @@ def test_init_from_loads_the_encoder_and_a_new_head(mlm_run, tmp_path):
     from tfx.errors import UsageError
 
     with pytest.raises(UsageError, match="does not fit"):
-        init_from(build_model(bad, tokenizer=tok, run_dir=tmp_path), str(mlm_run), log=lambda m: None)
+        init_encoder(build_model(bad, tokenizer=tok, run_dir=tmp_path), mlm, where=str(mlm_run), log=lambda m: None)

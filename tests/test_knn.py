@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, TINY, run_tfx, sets, tfx_in_process
 from tfx.errors import UsageError
 from tfx.evaluate import score_stream
-from tfx.memory.datastore import Datastore, store_dir
-from tfx.memory.knn import (LAMBDAS, KeyCapture, KNNAdjuster, KNNSettings, interpolate, knn_logprobs, knn_target_logprob,
+from tfx.knn.datastore import Datastore, store_dir
+from tfx.knn.scoring import (LAMBDAS, KeyCapture, KNNAdjuster, KNNSettings, interpolate, knn_logprobs, knn_target_logprob,
                             knn_token_logprobs, scored_positions)
 
 RECIPE = str(REPO / "recipes/lm/shakespeare-char.toml")
@@ -94,7 +94,7 @@ def test_knn_distribution_matches_the_definition():
 
 
 def test_every_k_at_once_equals_each_k_by_its_definition():
-    from tfx.memory.knn import knn_target_logprob_grid
+    from tfx.knn.scoring import knn_target_logprob_grid
 
     g = torch.Generator().manual_seed(0)
     dists = (torch.rand(50, 16, generator=g) * 40).sort(-1).values  # nearest first, as faiss returns them
@@ -237,7 +237,7 @@ def test_ivfpq_builds_searches_and_probing_every_list_loses_nothing(built, lm_ru
 
 def test_a_failed_build_leaves_the_old_store(built, lm_run, texts, tmp_path, monkeypatch):
     from tfx import run
-    from tfx.memory import datastore
+    from tfx.knn import datastore
 
     path = copy_run(lm_run, tmp_path / "lm")
     run.knn_build(str(path), data=str(texts["store"]), max_tokens=500)

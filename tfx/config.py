@@ -1,21 +1,53 @@
 """The typed recipe: TOML -> overrides -> pydantic models, with errors a user can act on.
 
-Tables with a ``kind`` key (attention, position, tokenizer, optimizer, schedule) are tagged unions
-resolved through the registries, so every kind validates exactly its own parameters.
+`Recipe` is a static class, so every consumer knows its fields. Tables with a ``kind`` key
+(attention, position, memory, tokenizer, optimizer, schedule) are tagged unions built from the
+registries when this module is imported, so every kind validates exactly its own parameters;
+`family` is checked against the family registry (tfx/families/).
 """
 from __future__ import annotations
 
-import functools
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tfx.errors import UsageError
+from tfx.families import FAMILY, family_of
 from tfx.registry import ATTENTION, MEMORY, OPTIMIZER, POSITION, SCHEDULE, TOKENIZER, Registry, closest
 
 DATA_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def _tagged(reg: Registry, default: str) -> Any:
+    """A field type dispatching on `kind` through the registry, with `default` when absent."""
+    models = [reg.config_model(n) for n in reg.names()]
+    typ = models[0] if len(models) == 1 else Annotated[Union[tuple(models)], Field(discriminator="kind")]
+    return typ
+
+
+def _default(reg: Registry, default: str) -> Any:
+    return Field(default_factory=reg.config_model(default))
+
+
+def import_kinds() -> None:
+    """Import every module that registers a kind, so the registries are complete."""
+    import tfx.data.tokenizers  # noqa: F401
+    import tfx.nn.attention  # noqa: F401
+    import tfx.nn.memory  # noqa: F401
+    import tfx.nn.positions  # noqa: F401
+    import tfx.nn.relative  # noqa: F401
+    import tfx.train.optim  # noqa: F401
+
+
+import_kinds()
+AttentionKind = _tagged(ATTENTION, "dense")
+PositionKind = _tagged(POSITION, "learned")
+MemoryKind = _tagged(MEMORY, "none")
+TokenizerKind = _tagged(TOKENIZER, "char")
+OptimizerKind = _tagged(OPTIMIZER, "adamw")
+ScheduleKind = _tagged(SCHEDULE, "cosine")
 
 
 class Strict(BaseModel):
@@ -64,9 +96,9 @@ class ModelConfig(Strict):
     encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
     decoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
     pool: Literal["cls", "mean"] = "cls"            # classifier: the [CLS] (first) token or the mean
-    attention: Any = None  # replaced by the registry union in recipe_model()
-    position: Any = None
-    memory: Any = None
+    attention: AttentionKind = _default(ATTENTION, "dense")
+    position: PositionKind = _default(POSITION, "learned")
+    memory: MemoryKind = _default(MEMORY, "none")
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -101,8 +133,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast
-    optimizer: Any = None
-    schedule: Any = None
+    optimizer: OptimizerKind = _default(OPTIMIZER, "adamw")
+    schedule: ScheduleKind = _default(SCHEDULE, "cosine")
 
 
 class GenerateConfig(Strict):
@@ -117,78 +149,55 @@ class GenerateConfig(Strict):
     compile: bool = False  # lm: torch.compile the one-token decode step (about 30 s once; then ~1.8x on a CPU)
 
 
-class RecipeBase(Strict):
+class Recipe(Strict):
     name: str = "run"
-    family: Literal["lm", "seq2seq", "classifier", "mlm"] = "lm"
+    family: str = "lm"  # a name of the family registry (tfx/families/)
     init_from: str | None = None  # a run whose encoder (and tokenizer) a classifier starts from
     data: DataConfig
-    tokenizer: Any = None
-    src_tokenizer: Any = None  # seq2seq: a separate source-side tokenizer (default: one joint vocabulary)
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    generate: GenerateConfig = GenerateConfig()
+    tokenizer: TokenizerKind = _default(TOKENIZER, "char")
+    src_tokenizer: Optional[TokenizerKind] = None  # seq2seq: a separate source-side tokenizer (default: joint)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, value: str) -> str:
+        if value not in FAMILY:
+            raise ValueError(FAMILY.unknown_message(value).replace("family kind", "family"))
+        return value
 
     @model_validator(mode="after")
-    def _best_metric(self) -> "RecipeBase":
-        metric, reported = self.train.best_metric, validation_metrics(self)
+    def _best_metric(self) -> "Recipe":
+        family = family_of(self)
+        metric, reported = self.train.best_metric, family.metrics(self)
         if metric not in reported:
             raise ValueError(f"train.best_metric = {metric!r}: validation of family {self.family!r} reports "
                              + ", ".join(sorted(reported))
-                             + (" (bleu and chrf need train.eval_bleu = true)" if self.family == "seq2seq" else ""))
+                             + (f" ({family.metrics_hint})" if family.metrics_hint else ""))
         return self
 
 
 HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1", "bleu", "chrf"})
 
 
-def validation_metrics(recipe) -> set[str]:
-    """The numbers a family's validation reports, any of which can pick best.safetensors."""
-    if recipe.family == "classifier":
-        return {"loss", "accuracy", "macro_f1"}
-    if recipe.family == "seq2seq" and recipe.train.eval_bleu:
-        return {"loss", "bleu", "chrf"}
-    return {"loss"}
+def recipe_model() -> type[Recipe]:
+    """The recipe class (kept for callers that ask for it by function)."""
+    return Recipe
 
 
-def _tagged(reg: Registry, default: str) -> Any:
-    """A field type dispatching on `kind` through the registry, with `default` when absent."""
-    models = [reg.config_model(n) for n in reg.names()]
-    typ = models[0] if len(models) == 1 else Annotated[Union[tuple(models)], Field(discriminator="kind")]
-    return (typ, Field(default_factory=reg.config_model(default)))
-
-
-def import_kinds() -> None:
-    """Import every module that registers a kind, so the registries are complete."""
-    import tfx.data.tokenizers  # noqa: F401
-    import tfx.nn.attention  # noqa: F401
-    import tfx.nn.compressive  # noqa: F401
-    import tfx.nn.memorizing  # noqa: F401
-    import tfx.nn.rmt  # noqa: F401
-    import tfx.nn.positions  # noqa: F401
-    import tfx.nn.recurrence  # noqa: F401
-    import tfx.nn.relative  # noqa: F401
-    import tfx.train.optim  # noqa: F401
-
-
-@functools.cache
-def recipe_model() -> type[BaseModel]:
-    import_kinds()
-    model_cls = create_model(
-        "ModelConfig", __base__=ModelConfig,
-        attention=_tagged(ATTENTION, "dense"), position=_tagged(POSITION, "learned"),
-        memory=_tagged(MEMORY, "none"),
-    )
-    train_cls = create_model(
-        "TrainConfig", __base__=TrainConfig,
-        optimizer=_tagged(OPTIMIZER, "adamw"), schedule=_tagged(SCHEDULE, "cosine"),
-    )
-    return create_model(
-        "Recipe", __base__=RecipeBase,
-        tokenizer=_tagged(TOKENIZER, "char"),
-        src_tokenizer=(Optional[_tagged(TOKENIZER, "char")[0]], None),
-        model=(model_cls, Field(default_factory=model_cls)),
-        train=(train_cls, Field(default_factory=train_cls)),
-    )
+def generate_settings(base: GenerateConfig, overrides: dict) -> GenerateConfig:
+    """`base` (a recipe's [generate] table) with the given overrides (None = keep), validated as a
+    recipe's values are; a bad value is a UsageError naming its command-line option."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return GenerateConfig.model_validate({**base.model_dump(), **given})
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors():
+            key = str(e["loc"][0]) if e["loc"] else "(generate)"
+            lines.append(f"--{key.replace('_', '-')} {given.get(key)!r}: {e['msg'].removeprefix('Value error, ')}")
+        raise UsageError("; ".join(lines)) from None
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -265,8 +274,8 @@ def _explain(err: dict, root: type[BaseModel], raw: dict) -> str:
         return msg + (f" (did you mean {hint!r}?)" if hint else "")
     if kind in ("union_tag_invalid", "literal_error") and (loc[-1] == "kind" or kind == "union_tag_invalid"):
         value = err["ctx"].get("tag", err.get("input"))
-        slot = {"attention": ATTENTION, "position": POSITION, "tokenizer": TOKENIZER,
-                "optimizer": OPTIMIZER, "schedule": SCHEDULE}.get(path[-2] if loc[-1] == "kind" else path[-1])
+        slot = {"attention": ATTENTION, "position": POSITION, "tokenizer": TOKENIZER, "src_tokenizer": TOKENIZER,
+                "memory": MEMORY, "optimizer": OPTIMIZER, "schedule": SCHEDULE}.get(path[-2] if loc[-1] == "kind" else path[-1])
         if slot is not None:
             return f"{key if key.endswith('kind') else key + '.kind'}: {slot.unknown_message(str(value))}"
     value = err.get("input")
@@ -274,10 +283,10 @@ def _explain(err: dict, root: type[BaseModel], raw: dict) -> str:
     return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
-def validate(raw: dict, source: str = "recipe") -> BaseModel:
+def validate(raw: dict, source: str = "recipe") -> Recipe:
     from tfx.kinds import problems
 
-    root = recipe_model()
+    root = Recipe
     try:
         recipe = root.model_validate(raw)
     except ValidationError as exc:
@@ -298,7 +307,7 @@ def read_toml(path: str | Path) -> dict:
         raise UsageError(f"{p}: not valid TOML: {exc}") from None
 
 
-def check_files(recipe: Any, source: str) -> None:
+def check_files(recipe: Recipe, source: str) -> None:
     """Data files named in the recipe must exist (an `hf:` name is left to the hub)."""
     if recipe.data.corpus:
         from tfx.data.corpora import corpus_names
@@ -314,9 +323,10 @@ def check_files(recipe: Any, source: str) -> None:
         if not value or value.startswith("hf:") or Path(value).is_file():
             continue
         pair = [Path(f"{value}.{d.src_lang}"), Path(f"{value}.{d.tgt_lang}")]
-        if recipe.family == "seq2seq" and all(p.is_file() for p in pair):
+        two_sided = family_of(recipe).two_sided
+        if two_sided and all(p.is_file() for p in pair):
             continue
-        also = f" nor {pair[0]} + {pair[1]}" if recipe.family == "seq2seq" else ""
+        also = f" nor {pair[0]} + {pair[1]}" if two_sided else ""
         raise UsageError(
             f"{source}: data.{split}: file not found: {value!r}{also} "
             f"(give a local .txt/.tsv/.jsonl/.csv/.parquet file, or hf:NAME for a hub dataset)"
@@ -326,11 +336,11 @@ def check_files(recipe: Any, source: str) -> None:
         tok_path = getattr(getattr(recipe, key), "path", None)
         if tok_path and not (Path(tok_path) / "tokenizer.json").is_file():
             raise UsageError(f"{source}: {key}.path: no tokenizer at {tok_path!r} (make one with `tfx tokenize train`)")
-    if recipe.src_tokenizer is not None and recipe.family != "seq2seq":
+    if recipe.src_tokenizer is not None and not family_of(recipe).two_sided:
         raise UsageError(f"{source}: src_tokenizer: only a seq2seq recipe has a source side")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, *, files: bool = True) -> Any:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, files: bool = True) -> Recipe:
     """Read, override and validate a recipe; raises UsageError with every problem found."""
     raw = apply_overrides(read_toml(path), list(overrides or []))
     recipe = validate(raw, str(path))

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import inspect
 
+from tfx.families import FAMILY, family_of
 from tfx.nn.positions import PositionScheme
-from tfx.registry import ATTENTION, POSITION
-
-# self-attention stacks of each family: (name, causal, padded keys)
-STACKS = {
-    "lm": [("decoder", True, False)],
-    "seq2seq": [("encoder", False, True), ("decoder", True, False)],
-    "classifier": [("encoder", False, True)],
-    "mlm": [("encoder", False, True)],
-}
+from tfx.registry import ATTENTION, MEMORY, POSITION
 
 
 def summary(obj) -> str:
@@ -41,8 +34,9 @@ def problems(recipe) -> list[str]:
     kind, position = m.attention.kind, m.position.kind
     kernel, pos = ATTENTION.get(kind), POSITION.get(position)
     out = []
-    for stack, causal, padded in STACKS[recipe.family]:
-        where = f"the {recipe.family} {stack}" if recipe.family == "seq2seq" else f"a {recipe.family} model"
+    family = family_of(recipe)
+    for stack, causal, padded in ((s.name, s.causal, s.padded) for s in family.stacks):
+        where = f"the {recipe.family} {stack}" if len(family.stacks) > 1 else f"a {recipe.family} model"
         if causal and not kernel.supports_causal:
             out.append(f"model.attention.kind: {kind!r} cannot be causal, as {where} needs "
                        f"(it mixes every position into every output)")
@@ -56,15 +50,23 @@ def problems(recipe) -> list[str]:
     if pos.needs_score_mods and not kernel.supports_score_mods:
         out.append(f"model.position.kind: {position!r} needs the attention weights themselves "
                    f"(relative values or distance scaling), which only the dense kernel materialises")
-    if recipe.data.blocks != "auto" and recipe.family != "lm":
-        out.append(f"data.blocks: {recipe.data.blocks!r} is for the lm family (it orders an LM's training blocks)")
-    from tfx.nn.recurrence import memory_problems
+    if recipe.data.blocks != "auto" and not family.blocks:
+        out.append(f"data.blocks: {recipe.data.blocks!r} is for the {_families_with('blocks')} family "
+                   f"(it orders an LM's training blocks)")
+    from tfx.nn.memory import memory_problems
 
     out.extend(memory_problems(recipe))
+    if m.memory.kind != "none" and not family.memory:
+        out.append(f"model.memory.kind: {m.memory.kind!r} is for the {_families_with('memory')} family")
     check = getattr(kernel, "check_recipe", None)
     if check is not None:
         out.extend(f"model.attention: {msg}" for msg in check(m.attention, m))
     return out
+
+
+def _families_with(flag: str) -> str:
+    """The families whose record sets `flag`, for messages ("lm", "lm or vit")."""
+    return " or ".join(n for n in FAMILY.names() if getattr(FAMILY.get(n), flag))
 
 
 def attention_rows() -> list[dict]:
@@ -82,9 +84,8 @@ def attention_rows() -> list[dict]:
 
 
 def memory_rows() -> list[dict]:
-    from tfx.registry import MEMORY
-
-    return [{"kind": name, "families": ["lm"] if name != "none" else ["lm", "seq2seq", "classifier", "mlm"],
+    every = list(FAMILY.names())
+    return [{"kind": name, "families": [f for f in every if FAMILY.get(f).memory] if name != "none" else every,
              "needs": MEMORY.get(name).needs, "about": summary(MEMORY.get(name))} for name in MEMORY.names()]
 
 

@@ -1,6 +1,7 @@
-"""The commands as plain functions: train, eval and generate over a run directory.
+"""The commands as plain functions: train, eval, generate, knn and average over a run directory.
 
-What differs between families lives in tfx.tasks; this module owns the run directory.
+What differs between families lives in their tasks (tfx/tasks/, named by tfx/families/); the run
+directory's layout, writes and loading live in tfx/rundir/.
 """
 from __future__ import annotations
 
@@ -13,47 +14,26 @@ import torch
 
 from tfx import config as C
 from tfx.errors import RunError, UsageError
-from tfx.tasks import get_task
-from tfx.tasks.common import log
+from tfx.families import get_task, need_text_lm
+from tfx.rundir import load_run, weights_path  # noqa: F401  (re-exported: tfx.run.load_run)
+from tfx.rundir.files import RECIPE, SRC_TOKENIZER, TOKENIZER, atomic_write_text, sha256_file
+from tfx.tasks.common import EvalOptions, GenerateSettings, log
 
 
-def load_run(run_dir: str | Path, *, checkpoint: str = "best", overrides: Iterable[str] = ()):
-    """(recipe, tokenizer, model) of a saved run, weights from `best` (if any) or `last`."""
-    from tfx.data.tokenizers import load_tokenizer
-    from tfx.models import build_model
-    from tfx.train.checkpoint import load_weights
-
-    run = Path(run_dir)
-    if not (run / "recipe.toml").is_file():
-        raise UsageError(f"{run}: not a tfx run directory (no recipe.toml)")
-    recipe = C.load_recipe(run / "recipe.toml", list(overrides), files=False)
-    tokenizer = load_tokenizer(run / "tokenizer")
-    model = build_model(recipe, tokenizer=tokenizer, run_dir=run)
-    load_weights(model, weights_path(run, checkpoint))
-    model.eval()
-    return recipe, tokenizer, model
-
-
-def weights_path(run_dir: str | Path, checkpoint: str = "best") -> Path:
-    """The weights file load_run reads: best.safetensors if any (unless `last`), else model.safetensors."""
-    weights = Path(run_dir) / "best.safetensors"
-    return weights if checkpoint != "last" and weights.is_file() else Path(run_dir) / "model.safetensors"
-
-
-def _new_tokenizer(recipe, task, run_dir: Path):
+def new_tokenizer(recipe, task, run_dir: Path):
     """Train the recipe's tokenizer (or take init_from's) and save it into the run."""
     from tfx.data.tokenizers import load_tokenizer, train_tokenizer
 
     if recipe.init_from:
-        shutil.copytree(Path(recipe.init_from) / "tokenizer", run_dir / "tokenizer", dirs_exist_ok=True)
-        return load_tokenizer(run_dir / "tokenizer")
+        shutil.copytree(Path(recipe.init_from) / TOKENIZER, run_dir / TOKENIZER, dirs_exist_ok=True)
+        return load_tokenizer(run_dir / TOKENIZER)
     separate = recipe.src_tokenizer is not None
     if separate:
         log(f"training the {recipe.src_tokenizer.kind} source tokenizer")
-        train_tokenizer(recipe.src_tokenizer, task.tokenizer_texts("src")).save(run_dir / "tokenizer-src")
+        train_tokenizer(recipe.src_tokenizer, task.tokenizer_texts("src")).save(run_dir / SRC_TOKENIZER)
     log(f"training the {recipe.tokenizer.kind} {'target ' if separate else ''}tokenizer")
     tokenizer = train_tokenizer(recipe.tokenizer, task.tokenizer_texts("tgt" if separate else "joint"))
-    tokenizer.save(run_dir / "tokenizer")
+    tokenizer.save(run_dir / TOKENIZER)
     return tokenizer
 
 
@@ -61,20 +41,19 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
     """Train a new run from a recipe, or continue `resume` (a run directory) bit for bit."""
     from tfx.config import recipe_dict, to_toml
     from tfx.data.tokenizers import load_tokenizer
-    from tfx.models import build_model, init_from
-    from tfx.train.checkpoint import atomic_write_text
+    from tfx.families import build_model, init_encoder
     from tfx.train.loop import autocast_for, select_device, train_loop
 
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "state" / "LATEST").is_file():
             raise UsageError(f"--resume {run_dir}: no checkpoint there to resume from")
-        recipe = C.load_recipe(run_dir / "recipe.toml", overrides)
+        recipe = C.load_recipe(run_dir / RECIPE, overrides)
     else:
         if recipe_path is None:
             raise UsageError("give a RECIPE to train, or --resume RUN")
         recipe = C.load_recipe(recipe_path, overrides)
-        if recipe.init_from and not (Path(recipe.init_from) / "recipe.toml").is_file():
+        if recipe.init_from and not (Path(recipe.init_from) / RECIPE).is_file():
             raise UsageError(f"init_from: {recipe.init_from!r} is not a tfx run directory (train it first)")
         run_dir = Path(out or Path("runs") / recipe.name)
         if (run_dir / "state").exists() or (run_dir / "model.safetensors").exists():
@@ -87,17 +66,17 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
     except OSError as exc:
         raise UsageError(f"cannot use {run_dir} as the run directory: {exc.strerror}") from None
     task = get_task(recipe, run_dir)
-    tokenizer = load_tokenizer(run_dir / "tokenizer") if resume else _new_tokenizer(recipe, task, run_dir)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER) if resume else new_tokenizer(recipe, task, run_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
-        batches, validate = task.prepare(tokenizer, rank=rank, world=world, run_dir=run_dir)
+        batches, validate = task.prepare(tokenizer, rank=rank, world=world)
     except ValueError as exc:  # data too small for a batch, and the like
         raise RunError(str(exc)) from None
-    atomic_write_text(run_dir / "recipe.toml", to_toml(recipe_dict(recipe)))
+    atomic_write_text(run_dir / RECIPE, to_toml(recipe_dict(recipe)))
     torch.manual_seed(recipe.train.seed)  # the initial weights are a function of the seed
     model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir)
     if recipe.init_from and not resume:
-        init_from(model, recipe.init_from, log=log)
+        init_encoder(model, load_run(recipe.init_from)[2], where=recipe.init_from, log=log)
     log(f"{run_dir}: {recipe.family} model with {sum(p.numel() for p in model.parameters()):,} parameters")
     device = select_device(recipe.train.device)
     autocast = autocast_for(device, recipe.train.precision)
@@ -110,21 +89,26 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
 
 
 def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, checkpoint: str = "best",
-             device: str = "auto", knn: dict | None = None, **options) -> dict:
+             device: str = "auto", knn: dict | None = None, stride: int | None = None, context: int | None = None,
+             batch_size: int = 32, max_tokens: int | None = None, stream: tuple[int, int] | None = None,
+             beam: int | None = None, hyp_out: str | None = None) -> dict:
     """The family's metrics; `knn` (a dict of lambda/k/temperature overrides, maybe empty) adds the
-    kNN-LM's metrics beside the LM's (lm runs with a datastore)."""
+    kNN-LM's metrics beside the LM's (lm runs with a datastore); see EvalOptions for the rest."""
     from tfx.train.loop import select_device
 
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
-    if options.get("stream") is not None:
-        _need_lm(recipe, "--stream-window")
+    if stream is not None:
+        need_text_lm(recipe, "--stream-window")
+    if beam is not None:
+        C.generate_settings(recipe.generate, {"beam": beam})  # refused like a recipe value
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
-    if knn_pair is not None and options.get("stride") is None:
-        options["stride"] = (knn_pair[0].saved_settings() or {}).get("stride")  # the windows it was tuned on
+    if knn_pair is not None and stride is None:
+        stride = (knn_pair[0].saved_settings() or {}).get("stride")  # the windows it was tuned on
+    options = EvalOptions(stride=stride, context=context, batch_size=batch_size, max_tokens=max_tokens,
+                          stream=stream, knn=knn_pair, beam=beam, hyp_out=hyp_out)
     dev = select_device(device)
     model.to(dev)
-    result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, run_dir=run_dir,
-                                                knn=knn_pair, **options)
+    result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, options=options)
     spans = learned_spans(model)
     return {"split": "file" if data else split, **result, **({"attention_spans": spans} if spans else {})}
 
@@ -137,33 +121,32 @@ def learned_spans(model) -> list[list[float]]:
 
 
 def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "best", seed: int | None = None,
-                   on_text: Callable[[str], None] | None = None, **options) -> Iterable[tuple[str, str]]:
-    """Yield (input line, output) per input, in order. `on_text` streams pieces as they come."""
+                   on_text: Callable[[str], None] | None = None, knn: dict | None = None,
+                   stop: Iterable[str] = (), nbest: int | None = None, stream_window: int | None = None,
+                   sinks: int | None = None, **overrides) -> Iterable[tuple[str, str]]:
+    """Yield (input line, output) per input, in order. `on_text` streams pieces as they come.
+    `overrides` are keys of the recipe's [generate] table (None = the recipe's value), validated as
+    the recipe's own values are; a bad one is a UsageError naming it."""
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
-    knn = options.pop("knn", None)
-    if options.get("stream_window") is not None:
-        _need_lm(recipe, "--stream-window")
+    config = C.generate_settings(recipe.generate, overrides)
+    if stream_window is not None:
+        need_text_lm(recipe, "--stream-window")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
-    settings = recipe.generate.model_dump()
-    settings.update({k: v for k, v in options.items() if v is not None})
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    yield from get_task(recipe, run_dir).generate(model, tokenizer, prompts, settings=settings, generator=generator,
-                                                  on_text=on_text, run_dir=run_dir, knn=knn_pair)
+    settings = GenerateSettings(
+        config=config, stop=tuple(stop), nbest=nbest, knn=knn_pair, on_text=on_text,
+        stream=(sinks or 0, stream_window) if stream_window else None,
+        generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+    yield from get_task(recipe, run_dir).generate(model, tokenizer, prompts, settings)
 
 
 # ----------------------------------------------------------------------------- kNN-LM (Khandelwal et al., 2020)
 
-def _need_lm(recipe, what: str) -> None:
-    if recipe.family != "lm":
-        raise UsageError(f"{what} needs a decoder-only lm run, not a {recipe.family} run")
-
-
 def _open_knn(run_dir, recipe, overrides: dict, checkpoint: str):
     """(Datastore, KNNSettings) of a run; warns when the store came from other weights."""
-    from tfx.memory.datastore import Datastore, sha256_file
-    from tfx.memory.knn import resolve_settings
+    from tfx.knn.datastore import Datastore
+    from tfx.knn.scoring import resolve_settings
 
-    _need_lm(recipe, "--knn")
+    need_text_lm(recipe, "--knn")
     store = Datastore(run_dir)
     built_with = store.meta.get("checkpoint", {}).get("sha256")
     if built_with and built_with != sha256_file(weights_path(run_dir, checkpoint)):
@@ -176,16 +159,13 @@ def _open_knn(run_dir, recipe, overrides: dict, checkpoint: str):
 
 def _source_info(recipe, split: str | None, data: str | None) -> dict:
     """Where a text came from: the file (size, sha256) and, for a holdout split, which part of it."""
-    from tfx.memory.datastore import sha256_file
-    from tfx.tasks.common import split_source
+    from tfx.tasks.common import holdout_source
 
     info: dict = {"split": None if data else split}
     if data:
-        path = data
+        path, holdout = data, 0.0
     else:
-        holdout = recipe.data.holdout if split != "test" and split_source(recipe, "valid", fetch=True) is None \
-            else 0.0
-        path = split_source(recipe, "train" if holdout else split, fetch=True)
+        path, holdout = holdout_source(recipe, split, fetch=True)
         if holdout:
             info["holdout"] = {"fraction": holdout, "part": "tail" if split == "valid" else "head"}
     info["path"] = str(path)
@@ -199,12 +179,12 @@ def knn_build(run_dir: str, *, split: str | None = "train", data: str | None = N
               pq_m: int | None = None, pq_bits: int = 8, train_size: int = 100_000, nprobe: int | None = None,
               stride: int | None = None, batch_size: int = 32, max_tokens: int | None = None) -> dict:
     """Write RUN/knn/ (keys, values, faiss index, meta) from a text; returns the meta."""
-    from tfx.memory.datastore import build_datastore, plan_index, sha256_file
-    from tfx.memory.knn import key_dim
+    from tfx.knn.datastore import build_datastore, plan_index
+    from tfx.knn.keys import key_dim
     from tfx.train.loop import select_device
 
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
-    _need_lm(recipe, "tfx knn build")
+    need_text_lm(recipe, "tfx knn build")
     task = get_task(recipe, run_dir)
     ids, _ = task.token_stream(tokenizer, split=split, data=data, fetch=True)
     if max_tokens is not None:
@@ -228,12 +208,12 @@ def knn_tune(run_dir: str, *, split: str = "valid", data: str | None = None, che
              device: str = "auto", max_tokens: int | None = 100_000, nprobe: int | None = None,
              candidates: int | None = None, stride: int | None = None, batch_size: int = 32) -> dict:
     """Grid search of the interpolation on a text; saves the best to RUN/knn/settings.json."""
-    from tfx.memory.datastore import Datastore
-    from tfx.memory.knn import tune
+    from tfx.knn.datastore import Datastore
+    from tfx.knn.scoring import tune
     from tfx.train.loop import select_device
 
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
-    _need_lm(recipe, "tfx knn tune")
+    need_text_lm(recipe, "tfx knn tune")
     store = Datastore(run_dir)
     ids, _ = get_task(recipe, run_dir).token_stream(tokenizer, split=split, data=data, fetch=True)
     source = _source_info(recipe, split, data)
@@ -280,12 +260,11 @@ def average(run_dir: str, *, last: int, out: str) -> Path:
     if unexpected:
         raise RunError(f"unexpected tensors in {chosen[-1]}: {unexpected[:3]}")
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("recipe.toml", "labels.json"):
-        if (Path(run_dir) / name).is_file():
-            shutil.copy(Path(run_dir) / name, target / name)
-    for name in ("tokenizer", "tokenizer-src"):
-        if (Path(run_dir) / name).is_dir():
-            shutil.copytree(Path(run_dir) / name, target / name)
+    for item in Path(run_dir).iterdir():  # the recipe, tokenizers and what a task saved (labels.json)
+        if item.is_dir() and item.name in (TOKENIZER, SRC_TOKENIZER):
+            shutil.copytree(item, target / item.name)
+        elif item.is_file() and item.suffix in (".toml", ".json") and not item.name.startswith("."):
+            shutil.copy(item, target / item.name)
     save_weights(model, target / "model.safetensors")
     log(f"averaged {', '.join(p.name for p in chosen)} into {target}")
     return target

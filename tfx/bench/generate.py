@@ -44,11 +44,12 @@ def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast,
 def bench_generate(run_dir: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, precision: str,
                    device: str, checkpoint: str, log: Callable[[str], None], compile: bool | None = None) -> dict:
     from tfx.decoding.generate import decode_step
-    from tfx.run import _need_lm, load_run
+    from tfx.families import need_text_lm
+    from tfx.rundir import load_run
     from tfx.train.loop import autocast_for, select_device
 
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
-    _need_lm(recipe, "tfx bench generate")
+    need_text_lm(recipe, "tfx bench generate")
     if new_tokens < 2:
         raise UsageError("--new-tokens: at least 2 (the prefill gives the first)")
     if prompt_len + new_tokens > model.context:

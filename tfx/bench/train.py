@@ -98,10 +98,9 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
     `profile` (a path), then profile a few more steps (profile_steps)."""
     from tfx import config as C
     from tfx.data.batching import DataPosition
-    from tfx.models import build_model
+    from tfx.families import build_model, get_task
     from tfx.registry import OPTIMIZER
-    from tfx.run import _new_tokenizer
-    from tfx.tasks import get_task
+    from tfx.run import new_tokenizer
     from tfx.train.loop import TrainStep, autocast_for, select_device
 
     recipe = C.load_recipe(recipe_path, overrides)
@@ -113,8 +112,8 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
     with tempfile.TemporaryDirectory(prefix="tfx-bench-") as scratch:
         run_dir = Path(scratch)
         task = get_task(recipe, run_dir)
-        tokenizer = _new_tokenizer(recipe, task, run_dir)
-        batches, _ = task.prepare(tokenizer, rank=0, world=1, run_dir=run_dir)
+        tokenizer = new_tokenizer(recipe, task, run_dir)
+        batches, _ = task.prepare(tokenizer, rank=0, world=1)
         torch.manual_seed(cfg.seed)
         model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir).to(device)
         optimizer = OPTIMIZER.build(cfg.optimizer, model=model)

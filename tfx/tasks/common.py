@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from tfx.errors import UsageError
 
@@ -31,6 +33,59 @@ def split_source(recipe, split: str, *, fetch: bool) -> str | None:
     return str(files[0]) if len(files) == 1 else str(Path(files[0]).with_suffix(""))
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `tfx eval` reads a split, beyond the recipe (each family uses the fields that apply)."""
+
+    stride: int | None = None       # lm: sliding-window stride (default: the window)
+    context: int | None = None      # lm: window length (default: the training context)
+    batch_size: int = 32            # lm: windows per forward pass
+    max_tokens: int | None = None   # lm: score only the first N tokens
+    stream: tuple[int, int] | None = None  # lm: (sinks, window) read in order through a sink cache
+    knn: Any = None                 # lm: (Datastore, KNNSettings) adds the kNN-LM's metrics
+    beam: int | None = None         # seq2seq: beam size (default: the recipe's generate.beam)
+    hyp_out: str | None = None      # seq2seq: write the hypotheses to this file
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """How `tfx generate` decodes: the recipe's [generate] table with the command's overrides
+    (`config`, a validated GenerateConfig), and what has no recipe key."""
+
+    config: Any                      # tfx.config.GenerateConfig
+    stop: tuple[str, ...] = ()       # lm: end a continuation at any of these strings
+    nbest: int | None = None         # seq2seq: print the n best of the beam
+    stream: tuple[int, int] | None = None  # lm: (sinks, window) of an attention-sink cache
+    generator: Any = None            # torch.Generator for reproducible sampling
+    on_text: Callable[[str], None] | None = None  # lm: receives the text as it is generated
+    knn: Any = None                  # lm: (Datastore, KNNSettings) samples from the kNN-LM
+
+
+def holdout_source(recipe, split: str, *, fetch: bool) -> tuple[str | None, float]:
+    """(source, fraction): without a valid split, `data.holdout` takes a fraction of train for
+    valid, so the train and valid splits both read the training source (fraction 0: no holdout)."""
+    holdout = recipe.data.holdout if split != "test" and split_source(recipe, "valid", fetch=fetch) is None \
+        else 0.0
+    return split_source(recipe, "train" if holdout else split, fetch=fetch), holdout
+
+
+def holdout_rows(n: int, fraction: float, split: str, *, seed: int, strata: list | None = None) -> list[int]:
+    """The rows of `split` (train or valid) among n training rows when `fraction` of them is held out
+    for validation: the last rows, or with `strata` (labels) a seeded draw of the same fraction of
+    every stratum. The rows keep their order."""
+    if strata is None:
+        cut = int(n * (1 - fraction))
+        return list(range(cut)) if split == "train" else list(range(cut, n))
+    import random
+
+    rng, held = random.Random(seed), set()
+    for value in sorted(set(strata)):
+        rows = [i for i in range(n) if strata[i] == value]
+        rng.shuffle(rows)
+        held.update(rows[: round(len(rows) * fraction)])
+    return [i for i in range(n) if (i in held) == (split != "train")]
+
+
 class Task:
     """Base of the family tasks; see tfx.tasks.lm for the reference implementation."""
 
@@ -43,3 +98,10 @@ class Task:
 
     def vocab_size(self, tokenizer) -> int:
         return tokenizer.vocab_size
+
+    def documents(self, split: str, *, fetch: bool = False) -> list[str] | None:
+        """The texts of a split, or None where the recipe has none."""
+        from tfx.data.datasets import read_documents
+
+        source = split_source(self.recipe, split, fetch=fetch)
+        return None if source is None else read_documents(source, split=split, text_field=self.recipe.data.text_field)

@@ -6,7 +6,7 @@ import torch
 from tfx.data.batching import PackedBlocks, StreamBlocks
 from tfx.errors import UsageError
 from tfx.metrics import lm_metrics
-from tfx.tasks.common import Task, log, split_source
+from tfx.tasks.common import EvalOptions, GenerateSettings, Task, holdout_source, log, split_source
 
 
 class LMTask(Task):
@@ -27,10 +27,7 @@ class LMTask(Task):
 
         Without a valid split, `data.holdout` gives the last fraction of the training stream to valid.
         """
-        recipe = self.recipe
-        holdout = recipe.data.holdout if split != "test" and split_source(recipe, "valid", fetch=fetch) is None \
-            else 0.0
-        source = split_source(recipe, "train" if holdout else split, fetch=fetch)
+        source, holdout = holdout_source(self.recipe, split, fetch=fetch)
         if source is None:
             return None
         ids, n_bytes = self._read(tokenizer, source, "train" if holdout else split)
@@ -40,7 +37,7 @@ class LMTask(Task):
         part = ids[:cut] if split == "train" else ids[cut:]
         return part, len(tokenizer.decode(part.tolist()).encode("utf-8"))
 
-    def prepare(self, tokenizer, *, rank: int, world: int, **_):
+    def prepare(self, tokenizer, *, rank: int, world: int):
         """(batches(position) for training, validate(model) or None)."""
         recipe = self.recipe
         train_ids, _ = self.load_split(tokenizer, "train", fetch=True)
@@ -95,57 +92,57 @@ class LMTask(Task):
             raise UsageError("nothing to evaluate: the text is empty")
         return ids, n_bytes
 
-    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, stride: int | None = None,
-                 batch_size: int = 32, context: int | None = None, knn=None, stream=None,
-                 max_tokens: int | None = None, **_) -> dict:
-        """The LM metrics; with `knn` = (Datastore, KNNSettings), the kNN-LM's beside them under "knn";
-        with `stream` = (sinks, window), read as one stream per batch lane through a sink cache."""
+    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, options: EvalOptions) -> dict:
+        """The LM metrics; with `options.knn` = (Datastore, KNNSettings), the kNN-LM's beside them under
+        "knn"; with `options.stream` = (sinks, window), read as one stream per batch lane through a sink cache."""
+        o = options
         ids, n_bytes = self.token_stream(tokenizer, split=split, data=data)
-        context = context or self.recipe.model.context
-        if stream is not None:
-            result = self.score(model, ids, n_bytes, device=device, batch_size=batch_size, context=context,
-                                stream=stream, max_tokens=max_tokens)
-            lane = (min(ids.numel(), (max_tokens or ids.numel()) + 1) - 1) // max(1, batch_size)
-            return {**result, "sinks": stream[0], "window": stream[1], "lanes": batch_size, "lane_tokens": lane}
-        if knn is None:
-            result = self.score(model, ids, n_bytes, device=device, stride=stride, batch_size=batch_size,
-                                context=context, max_tokens=max_tokens)
+        context = o.context or self.recipe.model.context
+        if o.stream is not None:
+            result = self.score(model, ids, n_bytes, device=device, batch_size=o.batch_size, context=context,
+                                stream=o.stream, max_tokens=o.max_tokens)
+            lane = (min(ids.numel(), (o.max_tokens or ids.numel()) + 1) - 1) // max(1, o.batch_size)
+            return {**result, "sinks": o.stream[0], "window": o.stream[1], "lanes": o.batch_size, "lane_tokens": lane}
+        if o.knn is None:
+            result = self.score(model, ids, n_bytes, device=device, stride=o.stride, batch_size=o.batch_size,
+                                context=context, max_tokens=o.max_tokens)
             return {**result, "context": context}
-        from tfx.memory.knn import knn_token_logprobs
+        from tfx.knn.scoring import knn_token_logprobs
 
-        store, settings = knn
-        lm, mixed = knn_token_logprobs(model, store, ids, settings, context=context, stride=stride,
-                                       batch_size=batch_size, device=device, log=log)
+        store, settings = o.knn
+        lm, mixed = knn_token_logprobs(model, store, ids, settings, context=context, stride=o.stride,
+                                       batch_size=o.batch_size, device=device, log=log)
         knn_result = {**lm_metrics(-float(mixed.sum()), mixed.numel(), n_bytes), **settings.as_dict(),
                       "index": store.kind, "store_size": store.count}
         return {**lm_metrics(-float(lm.sum()), lm.numel(), n_bytes), "context": context,
-                "stride": min(stride or context, context), "knn": knn_result}
+                "stride": min(o.stride or context, context), "knn": knn_result}
 
-    def generate(self, model, tokenizer, prompts, *, settings: dict, generator=None, on_text=None, knn=None, **_):
-        """Continuations; with `knn` = (Datastore, KNNSettings) each step samples from the kNN-LM."""
+    def generate(self, model, tokenizer, prompts, settings: GenerateSettings):
+        """Continuations; with `settings.knn` = (Datastore, KNNSettings) each step samples from the kNN-LM."""
         from contextlib import nullcontext
 
         from tfx.decoding.generate import generate_text
 
-        options = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "compile")
-                   if k in settings}
-        if settings.get("stream_window"):
+        c = settings.config
+        if settings.stream is not None:
             check_stream(model)
-            options["stream"] = (settings.get("sinks") or 0, settings["stream_window"])
         adjuster = nullcontext()
-        if knn is not None:
-            from tfx.memory.knn import KNNAdjuster
+        if settings.knn is not None:
+            from tfx.knn.scoring import KNNAdjuster
 
-            adjuster = KNNAdjuster(model, *knn)
+            adjuster = KNNAdjuster(model, *settings.knn)
         with adjuster as adjust_logprobs:
             for prompt in prompts:
-                yield prompt, generate_text(model, tokenizer, prompt, generator=generator, on_text=on_text, warn=log,
-                                            adjust_logprobs=adjust_logprobs, **options)
+                yield prompt, generate_text(model, tokenizer, prompt, max_new_tokens=c.max_new_tokens,
+                                            temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                            stop=list(settings.stop), compile=c.compile, stream=settings.stream,
+                                            generator=settings.generator, on_text=settings.on_text, warn=log,
+                                            adjust_logprobs=adjust_logprobs)
 
 
 def check_stream(model) -> None:
     """A clear error where the model cannot read through a sink cache."""
-    from tfx.nn.sinks import stream_problems
+    from tfx.nn.memory.sinks import stream_problems
 
     if problems := stream_problems(model.stack):
         raise UsageError("; ".join(problems))

@@ -10,20 +10,26 @@ import torch
 from tfx.data.batching import LengthBatches, pad
 from tfx.errors import UsageError
 from tfx.models.lm import IGNORE
-from tfx.tasks.common import Task, log, split_source
+from tfx.tasks.common import EvalOptions, GenerateSettings, Task, holdout_rows, holdout_source, log
 
 TRANSLATE_BATCH = 32  # sentences per decoding batch
 
 
 class Seq2SeqTask(Task):
     def pairs(self, split: str, *, fetch: bool = False) -> tuple[list[str], list[str]] | None:
+        """(sources, targets) of a split; without a valid split, `data.holdout` takes the last
+        fraction of the training pairs for validation."""
         from tfx.data.datasets import read_pairs
 
-        source = split_source(self.recipe, split, fetch=fetch)
+        source, holdout = holdout_source(self.recipe, split, fetch=fetch)
         if source is None:
             return None
         d = self.recipe.data
-        return read_pairs(source, split=split, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+        src, tgt = read_pairs(source, split="train" if holdout else split, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+        if not holdout:
+            return src, tgt
+        rows = holdout_rows(len(src), holdout, split, seed=0)
+        return [src[i] for i in rows], [tgt[i] for i in rows]
 
     def tokenizer_texts(self, side: str = "joint") -> list[str]:
         src, tgt = self.pairs("train", fetch=True)
@@ -52,7 +58,7 @@ class Seq2SeqTask(Task):
                 "tgt_in": pad([[bos] + t for _, t in examples], padding),
                 "tgt_out": pad([t + [eos] for _, t in examples], IGNORE)}
 
-    def prepare(self, tokenizer, *, rank: int, world: int, **_):
+    def prepare(self, tokenizer, *, rank: int, world: int):
         recipe = self.recipe
         src, tgt = self.pairs("train", fetch=True)
         limit = min(recipe.model.context, recipe.data.max_len or recipe.model.context)
@@ -77,7 +83,8 @@ class Seq2SeqTask(Task):
         def validate(model, device, autocast) -> dict:
             result = self.score(model, tokenizer, *valid, device=device, autocast=autocast)
             if recipe.train.eval_bleu:
-                hyps = list(self.translate(model, tokenizer, valid[0], settings={"beam": 1}, device=device))
+                greedy = recipe.generate.model_copy(update={"beam": 1})
+                hyps = list(self.translate(model, tokenizer, valid[0], config=greedy, device=device))
                 result.update(bleu_chrf(hyps, valid[1]))
             return result
 
@@ -103,13 +110,13 @@ class Seq2SeqTask(Task):
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
 
-    def translate(self, model, tokenizer, lines: Iterable[str], *, settings: dict, device=None,
+    def translate(self, model, tokenizer, lines: Iterable[str], *, config, device=None,
                   nbest: int = 1) -> Iterator[str | list[tuple[str, float]]]:
-        """Detokenized translations of `lines`, in order, decoded in batches of similar length."""
+        """Detokenized translations of `lines`, in order, decoded in batches of similar length with
+        `config` (a GenerateConfig: beam, len_penalty, max_len_a/b)."""
         from tfx.decoding.beam import beam_search, greedy, max_lengths
 
-        cfg = self.recipe.generate
-        beam = settings.get("beam") or cfg.beam
+        beam = config.beam
         lines = list(lines)
         device = device or next(model.parameters()).device
         context = self.recipe.model.context
@@ -123,14 +130,13 @@ class Seq2SeqTask(Task):
             idx = order[i:i + TRANSLATE_BATCH]
             src = pad([encoded[j] for j in idx], tokenizer.pad_id).to(device)
             mask = src != tokenizer.pad_id
-            limits = max_lengths(mask, a=settings.get("max_len_a", cfg.max_len_a),
-                                 b=settings.get("max_len_b", cfg.max_len_b), cap=context - 1)
+            limits = max_lengths(mask, a=config.max_len_a, b=config.max_len_b, cap=context - 1)
             kw = dict(bos=tokenizer.bos_id, eos=tokenizer.eos_id, max_len=limits)
             if beam == 1 and nbest == 1:
                 hyps = [[h] for h in greedy(model, src, mask, **kw)]
             else:
                 hyps = beam_search(model, src, mask, beam=beam, nbest=nbest,
-                                   len_penalty=settings.get("len_penalty", cfg.len_penalty), **kw)
+                                   len_penalty=config.len_penalty, **kw)
             for j, hs in zip(idx, hyps):
                 out[j] = hs
         for j in range(len(lines)):
@@ -140,8 +146,7 @@ class Seq2SeqTask(Task):
             else:
                 yield [(tokenizer.decode(h.tokens), h.normalized) for h in hs]
 
-    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, beam: int | None = None,
-                 hyp_out: str | None = None, **_) -> dict:
+    def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, options: EvalOptions) -> dict:
         if data:
             from tfx.data.datasets import read_pairs
 
@@ -153,17 +158,18 @@ class Seq2SeqTask(Task):
                 raise UsageError(f"the recipe has no {split!r} split; give --data FILE")
         src, ref = pairs
         result = self.score(model, tokenizer, src, ref, device=device)
-        hyps = list(self.translate(model, tokenizer, src, settings={"beam": beam}, device=device))
-        if hyp_out:
-            Path(hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        config = self.recipe.generate.model_copy(update={"beam": options.beam or self.recipe.generate.beam})
+        hyps = list(self.translate(model, tokenizer, src, config=config, device=device))
+        if options.hyp_out:
+            Path(options.hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
         result.update(bleu_chrf(hyps, ref))
-        result["beam"] = beam or self.recipe.generate.beam
+        result["beam"] = config.beam
         return result
 
-    def generate(self, model, tokenizer, lines, *, settings: dict, **_):
-        nbest = settings.get("nbest") or 1
+    def generate(self, model, tokenizer, lines, settings: GenerateSettings):
+        nbest = settings.nbest or 1
         lines = list(lines)
-        for line, out in zip(lines, self.translate(model, tokenizer, lines, settings=settings, nbest=nbest)):
+        for line, out in zip(lines, self.translate(model, tokenizer, lines, config=settings.config, nbest=nbest)):
             if nbest == 1:
                 yield line, out
             else:

@@ -1,7 +1,7 @@
 """Checkpoints that a kill at any moment cannot corrupt, and that load without running code.
 
     RUN/model.safetensors            weights of the last checkpoint (a hard link into state/)
-    RUN/best.safetensors             weights with the best validation loss
+    RUN/best.safetensors             weights with the best validation train.best_metric
     RUN/state/LATEST                 name of the complete checkpoint directory to resume from
     RUN/state/ckpt-XXXXXXXX/         model.safetensors, optim.pt (tensors only), trainer.json
 
@@ -20,39 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from tfx.errors import RunError
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, dst: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _commit(tmp, path)
+from tfx.rundir.files import atomic_write_text, commit, fsync_dir, temp_path  # noqa: F401  (atomic_write_text: re-exported)
 
 
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     """safetensors (no pickle); tied weights are stored once."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     save_model(model, str(tmp))
-    _commit(tmp, path)
+    commit(tmp, path)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -76,13 +51,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 def _link(src: Path, dst: Path) -> None:
     """Point dst at src's bytes atomically (hard link, or a copy where links are not possible)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
-    _commit(tmp, dst)
+    commit(tmp, dst)
 
 
 def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, extra: dict, keep: int = 1) -> Path:
@@ -106,7 +81,7 @@ def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, ext
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     atomic_write_text(state_dir / "LATEST", name + "\n")
     _link(final / "model.safetensors", Path(run_dir) / "model.safetensors")
     older = sorted(p for p in state_dir.glob("ckpt-*") if p.name != name)

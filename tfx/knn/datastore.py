@@ -15,10 +15,8 @@ one, or no store (a clear "build one" message), never a mix; the rest of the run
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,8 @@ import numpy as np
 import torch
 
 from tfx.errors import RunError, UsageError
-from tfx.train.checkpoint import atomic_write_text
+from tfx.knn.keys import key_dim, scored_positions
+from tfx.rundir.files import atomic_write_text, commit, fsync_dir, sha256_file  # noqa: F401
 
 FILES = ("keys.npy", "values.npy", "index.faiss")
 AUTO_FLAT_MAX = 1_000_000  # --index auto: exact search up to this many keys, IVF-PQ beyond
@@ -46,28 +45,6 @@ def load_faiss():
         raise RunError("kNN-LM needs faiss: pip install faiss-cpu") from None
     faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
     return faiss
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, dst: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
 
 
 class Meter:
@@ -171,7 +148,6 @@ def build_datastore(run_dir, model, ids: torch.Tensor, *, context: int, stride: 
                     batch_size: int = 32, device="cpu", dtype: str = "float16", plan: dict,
                     source: dict, checkpoint: dict, log) -> dict:
     """Run the LM over `ids` (score_stream's windows) and write the store; returns its meta."""
-    from tfx.memory.knn import key_dim, scored_positions
 
     if dtype not in KEY_DTYPES:
         raise UsageError(f"--dtype {dtype!r}: expected float16 or float32")
@@ -213,9 +189,9 @@ def build_datastore(run_dir, model, ids: torch.Tensor, *, context: int, stride: 
         del keys
         # Commit: invalidate the old store first, so no reader ever sees a mix of old and new files.
         (root / "meta.json").unlink(missing_ok=True)
-        _fsync_dir(root)
+        fsync_dir(root)
         for name in FILES:
-            _commit(tmp[name], root / name)
+            commit(tmp[name], root / name)
         atomic_write_text(root / "meta.json", json.dumps(meta, indent=1) + "\n")
         committed = True
     finally:

@@ -1,5 +1,5 @@
 """kNN-LM (Khandelwal et al., 2020): an LM interpolated with a nearest-neighbour distribution over
-a datastore of (context key, next token) pairs (tfx.memory.datastore).
+a datastore of (context key, next token) pairs (tfx.knn.datastore).
 
 The key of a position is the input of the last block's feed-forward sublayer (the paper's choice;
 in tfx's pre-norm Block that is `norm2(x)` of `model.stack.blocks[-1]`). `KeyCapture` records it
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from tfx.errors import UsageError
+from tfx.knn.keys import KeyCapture, key_dim, key_module, scored_positions  # noqa: F401  (re-exported)
 
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 KS = (8, 16, 32, 64, 128, 256, 512, 1024)  # up to the paper's k = 1024
@@ -43,72 +44,6 @@ class KNNSettings:
     def as_dict(self) -> dict:
         d = asdict(self)
         return {"lambda": d.pop("lam"), **d}
-
-
-# ----------------------------------------------------------------------------- keys
-
-def key_module(model) -> torch.nn.Module:
-    """The module whose input is the kNN-LM key: the last block's feed-forward sublayer."""
-    try:
-        return model.stack.blocks[-1].ffn
-    except (AttributeError, IndexError):
-        raise UsageError("kNN-LM needs a decoder-only LM run (a model with stack.blocks[-1].ffn)") from None
-
-
-def key_dim(model) -> int:
-    return key_module(model).up.in_features
-
-
-class KeyCapture:
-    """Context manager: while open, `.keys` is the last forward's (B, T, d) input to the final
-    block's feed-forward sublayer (a forward pre-hook; removed on exit)."""
-
-    def __init__(self, model):
-        self.module, self.keys, self.handle = key_module(model), None, None
-
-    def _hook(self, module, args):
-        self.keys = args[0].detach()
-
-    def __enter__(self) -> "KeyCapture":
-        self.handle = self.module.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        self.keys = None
-
-
-@torch.no_grad()
-def scored_positions(model, ids: Tensor, *, context: int, stride: int | None = None, batch_size: int = 32,
-                     device="cpu", max_tokens: int | None = None):
-    """Yield (target index (n,), key (n, d) float32, LM log-prob of the target (n,) float64, target (n,))
-    per batch of windows: every target ids[1:] once, with the left context score_stream gives it."""
-    from tfx.evaluate import windows
-
-    stride = min(stride or context, context)
-    if max_tokens is not None:
-        ids = ids[: max_tokens + 1]
-    was_training = model.training
-    model.eval()
-    groups: dict[int, list[tuple[int, int, int]]] = {}
-    for span in windows(ids.numel(), context, stride):
-        groups.setdefault(span[1] - span[0], []).append(span)
-    try:
-        with KeyCapture(model) as capture:
-            for length, group in groups.items():
-                for i in range(0, len(group), batch_size):
-                    chunk = group[i:i + batch_size]
-                    rows = torch.stack([ids[s:e + 1] for s, e, _ in chunk]).long().to(device)  # (b, L + 1)
-                    logits, _ = model(rows[:, :-1])  # (b, L, V)
-                    target = rows[:, 1:]  # (b, L)
-                    lp = logits.float().log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)  # (b, L)
-                    at = torch.arange(length, device=device)
-                    scored = at[None, :] >= torch.tensor([f for _, _, f in chunk], device=device)[:, None]
-                    pos = torch.tensor([s for s, _, _ in chunk], device=device)[:, None] + 1 + at  # (b, L)
-                    yield (pos[scored].cpu(), capture.keys[scored].float(), lp[scored].double().cpu(),
-                           target[scored].cpu())
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- the distribution
@@ -168,7 +103,7 @@ def _retrieved(model, store, ids, *, k: int, nprobe, candidates, context, stride
     """Yield (target index, LM log-prob, dists, values, target) per group of about `queries` tokens
     (faiss searches a large batch of queries much faster than many small ones); with `log`, progress
     goes there (a bar on a terminal)."""
-    from tfx.memory.datastore import Meter
+    from tfx.knn.datastore import Meter
 
     buffer: list[tuple] = []
     total = min(ids.numel() - 1, max_tokens if max_tokens is not None else ids.numel())

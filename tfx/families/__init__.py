@@ -1,0 +1,46 @@
+"""The family registry: which model families exist and what each one is made of.
+
+A family (lm, seq2seq, classifier, mlm, ...) is one `Family` record, registered by the module of
+the same name in this package. It names the model builder, the task (data -> batches, validation,
+evaluation, generation; tfx/tasks/), the self-attention stacks it has (which the recipe checks
+against the attention kind) and what its validation reports. Nothing outside this package and a
+family's own modules compares a family's name: code asks the record instead.
+
+Adding a family is a model module, a task module, and one module here that registers it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tfx.families.base import FAMILY, Family, StackSpec, family_names, family_of, need_text_lm
+from tfx.families import classifier, lm, mlm, seq2seq  # noqa: F401  (the registrations, one module per family)
+
+__all__ = ["FAMILY", "Family", "StackSpec", "family_of", "family_names", "need_text_lm", "build_model",
+           "init_encoder", "get_task"]
+
+
+def build_model(recipe, *, tokenizer=None, vocab_size: int | None = None, run_dir: str | Path | None = None):
+    """The recipe's model, built by its family (`vocab_size` defaults to the tokenizer's)."""
+    vocab = vocab_size if vocab_size is not None else tokenizer.vocab_size
+    return family_of(recipe).build(recipe, vocab, Path(run_dir) if run_dir is not None else None)
+
+
+def get_task(recipe, run_dir: str | Path | None = None):
+    """The recipe's task (tfx/tasks/), as its family names it."""
+    return family_of(recipe).task()(recipe, run_dir)
+
+
+def init_encoder(model, source, *, where: str, log) -> None:
+    """Start `model.encoder` from `source`'s encoder (an already loaded run, e.g. MLM pretraining)."""
+    from tfx.errors import UsageError
+
+    if not hasattr(source, "encoder") or not hasattr(model, "encoder"):
+        raise UsageError(f"init_from: {where} has no encoder to start from")
+    theirs = source.encoder.state_dict()
+    ours = model.encoder.state_dict()
+    bad = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    if bad:
+        raise UsageError(f"init_from: the encoder of {where} does not fit this recipe's model "
+                         f"(first mismatch: {bad[0]}); use the same model settings as the pretraining run")
+    model.encoder.load_state_dict(theirs)
+    log(f"encoder initialised from {where} ({len(theirs)} tensors); the head is new")

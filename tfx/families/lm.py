@@ -1,0 +1,23 @@
+"""`family = "lm"`: a decoder-only language model (GPT) over packed token blocks."""
+from __future__ import annotations
+
+from tfx.families.base import Family, StackSpec, register
+
+
+def build(recipe, vocab_size: int, run_dir=None):
+    from tfx.models.lm import LanguageModel
+
+    return LanguageModel(recipe.model, vocab_size=vocab_size)
+
+
+def task():
+    from tfx.tasks.lm import LMTask
+
+    return LMTask
+
+
+register(Family(
+    name="lm", about="decoder-only (GPT): loss, perplexity, bits per byte; continues prompts",
+    stacks=(StackSpec("decoder", causal=True, padded=False),), build=build, task=task,
+    memory=True, blocks=True, continues_text=True,
+))
