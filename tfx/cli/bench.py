@@ -49,7 +49,7 @@ def bench_attention_cmd(
     """Time and memory of attention kernels alone (random q, k, v; B x heads x T x d_head) against
     sequence length: median ms, tokens/s and peak memory per kind and length."""
     from tfx.bench.attention import BenchSettings, bench_attention, kernels_for
-    from tfx.bench.report import emit, loglog_plot
+    from tfx.bench.report import loglog_plot
     from tfx.config import parse_value, validate_kind
     from tfx.registry import ATTENTION
 
@@ -78,26 +78,31 @@ def bench_attention_cmd(
                              d_head=d_head, dtype=dtype, device=device, repeats=repeats, budget_gib=budget,
                              max_seconds=max_seconds, params=params)
     rows = bench_attention(chosen, settings, log=err)
-    emit(rows, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt, console=out_console(),
-         title=f"attention {mode}, {'causal' if causal else 'bidirectional'}, B={batch} H={heads} D={d_head} {dtype}")
+    show_rows(rows, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt,
+              title=f"attention {mode}, {'causal' if causal else 'bidirectional'}, B={batch} H={heads} D={d_head} {dtype}")
     if plot is not None:
         loglog_plot(rows, x="T", panels=[("ms", "median ms per call"), ("peak_mib", "peak MiB")], series="kind",
                     path=plot, title=f"attention {mode} ({'causal' if causal else 'bidirectional'})")
         err(f"plot written to {plot}")
 
 
-def _emit_row(row: dict, fmt: str, title: str) -> None:
-    """One result: a JSON object, a CSV row, or a key/value table."""
+def show_rows(rows: list[dict], columns: list[str], *, title: str, fmt: str) -> None:
+    """Rows as JSON, CSV or a table; off a terminal the table is as wide as its cells."""
     from tfx.bench.report import emit
 
+    emit(rows, columns, title=title, fmt=fmt, console=out_console() if fmt == "table" else None)
+
+
+def _emit_row(row: dict, fmt: str, title: str) -> None:
+    """One result: a JSON object, a CSV row, or a key/value table."""
     if fmt == "json":
         import json
 
         print(json.dumps(row, indent=1))
     elif fmt == "csv":
-        emit([row], list(row), title=title, fmt="csv")
+        show_rows([row], list(row), title=title, fmt="csv")
     else:
-        emit([{"key": k, "value": v} for k, v in row.items()], ["key", "value"], title=title, console=out_console())
+        show_rows([{"key": k, "value": v} for k, v in row.items()], ["key", "value"], title=title, fmt="table")
 
 
 @bench_app.command("train")
