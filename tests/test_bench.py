@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import REPO, TINY, run_tfx, sets, tfx_in_process
 from tfx import config as C
 from tfx.bench.generate import decode_once
 from tfx.bench.train import step_flops
+from tfx.cli.bench import show_rows
 from tfx.decoding.generate import generate_ids
 from tfx.models import build_model
 
@@ -88,3 +90,26 @@ def test_cli_bench_generate(tmp_path, env):
     assert "decode_tokens_per_s" in table.stdout
     bad = tfx_in_process("bench", "generate", str(run), "--prompt-len", "30", "--new-tokens", "16", env=env)
     assert bad.returncode == 2 and "exceeds the model's context (32)" in bad.stderr
+
+
+def test_cli_bench_attention_json_plot_and_table(tmp_path):
+    """A tiny sweep through the CLI: --json rows with their fields, a --plot PNG; the table off a
+    terminal keeps every cell whole; an unknown kind is a usage error."""
+    plot = tmp_path / "attention.png"
+    proc = run_tfx("bench", "attention", "--kinds", "dense", "--seq", "16,32", "--mode", "fwd", "--heads", "2",
+                   "--d-head", "8", "--repeats", "1", "--device", "cpu", "--json", "--plot", str(plot),
+                   env={"OMP_NUM_THREADS": "1"}, check=True)
+    rows = json.loads(proc.stdout)
+    assert [(r["kind"], r["T"]) for r in rows] == [("dense", 16), ("dense", 32)]
+    for r in rows:
+        assert (r["mode"], r["causal"], r["status"]) == ("fwd", True, "ok")
+        assert r["ms"] > 0 and r["tokens_per_s"] == pytest.approx(r["T"] / (r["ms"] / 1000))
+        assert isinstance(r["peak_mib"], float)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot written to {plot}" in proc.stderr
+    wide = [{**r, "status": "over memory budget (8 GiB): " + "x" * 150} for r in rows]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # stdout not a terminal: the table as the CLI prints it
+        show_rows(wide, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], title="attention", fmt="table")
+    assert "…" not in out.getvalue() and wide[0]["status"] in out.getvalue()
+    bad = tfx_in_process("bench", "attention", "--kinds", "dens", "--seq", "16")
+    assert bad.returncode == 2 and "did you mean 'dense'" in bad.stderr
