@@ -1,6 +1,8 @@
 """Reading text through HF `datasets`: local text/jsonl/csv/parquet files or `hf:NAME[:CONFIG]`.
 
 A local .txt file is one document (its newlines are text); in tabular files each row is one.
+A run reads its training split twice (the tokenizer's texts, then the split): each reader keeps its
+last result and gives a copy while its arguments and files (path, inode, size, mtime) are unchanged.
 """
 from __future__ import annotations
 
@@ -14,6 +16,40 @@ from tfx.errors import RunError, UsageError
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
            ".parquet": "parquet"}
 HF_SPLITS = {"valid": ("validation", "valid", "dev"), "test": ("test",), "train": ("train",)}
+_LAST_READ: dict = {}  # {(reader, arguments, files' stamp): result}: the last read only
+
+
+def _stamp(files: list[str]) -> tuple | None:
+    """(resolved path, device, inode, size, mtime_ns) of each file; None when one is missing (the
+    reader raises)."""
+    stamp = []
+    for name in files:
+        try:
+            st = os.stat(name)
+        except OSError:
+            return None
+        stamp.append((os.path.realpath(name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+def _read_once(key: tuple, source: str, files: list[str], read):
+    """read(), or the last read's result for the same `key` and unchanged files: the files of a local
+    `source` (however spelt), every file under an hf: name that is a local directory, or for a hub
+    dataset the name alone (one version per process)."""
+    if source.startswith("hf:"):
+        local = Path(source[3:].partition(":")[0])
+        files = sorted(str(f) for f in local.rglob("*") if f.is_file()) if local.is_dir() else \
+            [str(local)] if local.exists() else []
+        key = (*key, source)
+    stamp = _stamp(files)
+    if stamp is None:
+        return read()
+    key = (*key, stamp)
+    if key not in _LAST_READ:
+        result = read()  # stamped before reading: a file that changes meanwhile is read again next time
+        _LAST_READ.clear()
+        _LAST_READ[key] = result
+    return _LAST_READ[key]
 
 
 def _quiet_datasets():
@@ -56,11 +92,16 @@ def _load(source: str, split: str):
 
 def read_documents(source: str, *, split: str = "train", text_field: str = "text") -> list[str]:
     """The documents of one split: a local file, or `hf:NAME[:CONFIG]` from the hub."""
+    return list(_read_once(("documents", split, text_field), source, [source],
+                           lambda: _read_documents(source, split, text_field)))
+
+
+def _read_documents(source: str, split: str, text_field: str) -> tuple[str, ...]:
     ds = _load(source, split)
     if text_field not in ds.column_names:
         raise UsageError(f"{source}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
                          f"set data.text_field")
-    return [t for t in ds[text_field] if t]
+    return tuple(t for t in ds[text_field] if t)
 
 
 def encode_documents(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -82,6 +123,13 @@ def _clean(line: str) -> str:
 def read_pairs(source: str, *, split: str = "train", src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
     """Aligned (sources, targets) from PREFIX.src_lang + PREFIX.tgt_lang, a `src<TAB>tgt` .tsv file,
     a JSONL file of {"translation": {src_lang: ..., tgt_lang: ...}}, or `hf:NAME[:CONFIG]`."""
+    files = [source] if Path(source).is_file() else [f"{source}.{src_lang}", f"{source}.{tgt_lang}"]
+    src, tgt = _read_once(("pairs", split, src_lang, tgt_lang), source, files,
+                          lambda: _read_pairs(source, split, src_lang, tgt_lang))
+    return list(src), list(tgt)
+
+
+def _read_pairs(source: str, split: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
     path = Path(source)
     if not source.startswith("hf:") and not path.is_file():
         files = [Path(f"{source}.{src_lang}"), Path(f"{source}.{tgt_lang}")]
@@ -116,6 +164,12 @@ def read_pairs(source: str, *, split: str = "train", src_lang: str, tgt_lang: st
 def read_labelled(source: str, *, split: str = "train", text_field: str = "text",
                   label_field: str = "label") -> tuple[list[str], list[str]]:
     """(texts, labels as strings) from a .tsv/.csv/.jsonl/.parquet file or `hf:NAME[:CONFIG]`."""
+    texts, labels = _read_once(("labelled", split, text_field, label_field), source, [source],
+                               lambda: _read_labelled(source, split, text_field, label_field))
+    return list(texts), list(labels)
+
+
+def _read_labelled(source: str, split: str, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
     rows = _load(source, split)
     for field in (text_field, label_field):
         if field not in rows.column_names:
