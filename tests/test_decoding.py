@@ -1,6 +1,7 @@
 """Sampling filters and cached generation against a cache-free reference."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tfx.config import validate
@@ -50,7 +51,33 @@ def test_cached_greedy_generation_equals_full_forwards():
     assert [1, 4, 5] + out == greedy_without_cache(model, [1, 4, 5], 10)
 
 
-def test_generation_past_the_context_slides_for_learned_positions():
-    model = tiny_lm("learned", context=8)
-    out = generate_ids(model, [1, 2, 3], max_new_tokens=30, temperature=0)
-    assert len(out) == 30
+def re_prefill_without_cache(model, ids, n, seed):
+    """The documented rule past the context, by full forwards only: the model reads the text from
+    `start` (positions from zero) up to now; once that window holds `context` tokens and a new
+    token arrives, the window restarts at the last context // 2 tokens. Tokens are sampled at
+    temperature 1 from a seeded generator (greedy on a random tiny model repeats one token,
+    which any window rule would reproduce)."""
+    ids, start, windows, g = list(ids), 0, [], torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        window = ids[start:]
+        assert len(window) <= model.context
+        windows.append(len(window))
+        logits, _ = model(torch.tensor([window]))  # no state: one full forward
+        ids.append(int(sample(logits[:, -1].float(), temperature=1.0, generator=g)))
+        if len(ids) - 1 - start >= model.context:
+            start = len(ids) - model.context // 2
+    return ids, windows
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_generation_past_the_context_equals_full_forwards_over_the_re_prefilled_window(position):
+    model = tiny_lm(position, context=6).double()
+    prompt = [1, 2, 3]
+    out = generate_ids(model, prompt, max_new_tokens=20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    expected, windows = re_prefill_without_cache(model, prompt, 20, seed=7)
+    assert prompt + out == expected
+    assert max(windows) == 6 and windows.count(3) >= 4  # the window restarted several times
+    assert len(set(out)) >= 4  # a varied text, so that a wrong window would show
+    if position == "rope":  # the re-prefill matters: an endless context gives another text
+        endless = tiny_lm(position, context=64).double()
+        assert prompt + out != re_prefill_without_cache(endless, prompt, 20, seed=7)[0]
