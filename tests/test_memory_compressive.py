@@ -32,8 +32,9 @@ def segments(model, tokens=TOKENS, length=4):
     for s in range(0, tokens.shape[1], length):
         out, state = model(tokens[:, s:s + length], state)
         outs.append(out)
-        states.append(([m.clone() for m in state.memory],
-                       [c.clone() for c in state.compressed] if state.compressed else None))
+        states.append(([m.clone() for m in state.memory.hidden],
+                       [c.clone() for c in compressed] if (compressed := getattr(state.memory, "compressed", None))
+                       else None))  # an XL state has no compressed memory
     return torch.cat(outs, 1), states
 
 
@@ -82,10 +83,10 @@ def test_usage_counts_each_query_once_per_head():
     for s in (0, 4, 8):
         _, state = model(TOKENS[:, s:s + 4], state)
     # nothing evicted yet: 12 queries x 2 heads of probability mass, all on the 12 kept states
-    assert [u.shape for u in state.usage] == [(2, 12)] * 2
-    torch.testing.assert_close(state.usage[0].sum(1), torch.full((2,), 24.0, dtype=torch.double))
+    assert [u.shape for u in state.memory.usage] == [(2, 12)] * 2
+    torch.testing.assert_close(state.memory.usage[0].sum(1), torch.full((2,), 24.0, dtype=torch.double))
     _, state = model(TOKENS[:, 12:], state)  # 16 kept: still every state, 32 queries' worth
-    torch.testing.assert_close(state.usage[1].sum(1), torch.full((2,), 32.0, dtype=torch.double))
+    torch.testing.assert_close(state.memory.usage[1].sum(1), torch.full((2,), 32.0, dtype=torch.double))
 
 
 def test_reconstruction_loss_trains_the_compressor_and_nothing_else():

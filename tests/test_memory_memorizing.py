@@ -42,14 +42,13 @@ def test_recall_mixes_by_the_gate_and_stores_the_segment():
     memory = model_for().stack.recurrence
     with torch.no_grad():
         memory.gate.copy_(torch.tensor([0.0, 2.0]))
-    state = StackState()
     keys, values = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
-    state.recall_k, state.recall_v = [keys], [values]
+    state = MemorizingState(keys=keys, values=values)
     q, k, v, y = (torch.randn(2, 2, 3, 8, generator=g) for _ in range(4))
     out = memory.recall(state, q, k, v, y)
     gate = torch.sigmoid(torch.tensor([0.0, 2.0]))[None, :, None, None]
     torch.testing.assert_close(out, gate * knn_attention(q, keys, values, 4) + (1 - gate) * y)
-    assert torch.equal(state.recall_k[0], torch.cat([keys, k], 2)) and state.recall_v[0].shape == (2, 2, 9, 8)
+    assert torch.equal(state.keys, torch.cat([keys, k], 2)) and state.values.shape == (2, 2, 9, 8)
 
 
 def segments(model, length=4, tokens=TOKENS, state=None):
@@ -86,12 +85,12 @@ def test_a_document_starting_inside_a_segment_keeps_only_its_own_pairs():
     model = model_for()
     tokens = torch.cat(documents(14, 10), 1)  # the second document starts at 14, inside segment 12..15
     _, state = segments(model, tokens=tokens[:, :16])
-    assert state.recall_k[0].shape[2] == 12 and state.recall_from[0].tolist() == [10, 10]  # tokens 4..15 kept
-    own = StackState(recall_k=[state.recall_k[0][:, :, 10:]], recall_v=[state.recall_v[0][:, :, 10:]])
+    assert state.memory.keys.shape[2] == 12 and state.memory.first.tolist() == [10, 10]  # tokens 4..15 kept
+    own = StackState(memory=MemorizingState(keys=state.memory.keys[:, :, 10:], values=state.memory.values[:, :, 10:]))
     with_old, state = segments(model, tokens=tokens[:, 16:], state=state)
     with_own, _ = segments(model, tokens=tokens[:, 16:], state=own)
     torch.testing.assert_close(with_old, with_own, rtol=1e-10, atol=1e-10)
-    assert state.recall_from[0].tolist() == [2, 2]  # tokens 12..23 kept, 14.. readable
+    assert state.memory.first.tolist() == [2, 2]  # tokens 12..23 kept, 14.. readable
     keep_all = model_for(doc_token=-1)
     keep_all.load_state_dict(model.state_dict())
     ignored, _ = segments(keep_all, tokens=tokens)
@@ -102,7 +101,7 @@ def test_a_document_starting_inside_a_segment_keeps_only_its_own_pairs():
 def test_the_store_is_a_bounded_fifo_of_earlier_segments():
     model = model_for()
     _, state = segments(model)
-    assert state.recall_k[0].shape == (2, 2, 12, 8)  # 24 tokens seen, 12 kept per row and head
+    assert state.memory.keys.shape == (2, 2, 12, 8)  # 24 tokens seen, 12 kept per row and head
     blk = model.stack.blocks[1]  # layer -2 of 3
     assert model.stack.recurrence.layer == 1
     # the kept keys are layer 1's keys (before positions) of the last 12 tokens; without an XL
@@ -111,7 +110,7 @@ def test_the_store_is_a_bounded_fifo_of_earlier_segments():
     for s in (12, 16, 20):
         x = model.stack.blocks[0](model.stack.embed(TOKENS[:, s:s + 4]), **layer_args(model, 4))
         kept.append(blk.attn.qkv(blk.norm1(x))[..., d:2 * d].view(2, 4, 2, 8).transpose(1, 2))
-    torch.testing.assert_close(state.recall_k[0], torch.cat(kept, 2), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.memory.keys, torch.cat(kept, 2), rtol=1e-10, atol=1e-10)
 
 
 def layer_args(model, T):
@@ -144,11 +143,11 @@ def test_a_new_stream_starts_with_an_empty_store():
     model = model_for().train()
     batch = {"input": TOKENS[:, :8], "target": TOKENS[:, 1:9], "reset": torch.tensor(False)}
     _, _, state = model.loss(batch)
-    assert state.recall_k[0].shape[2] == 8
+    assert state.memory.keys.shape[2] == 8
     _, _, state = model.loss(batch, state)
-    assert state.recall_k[0].shape[2] == 12
+    assert state.memory.keys.shape[2] == 12
     _, _, state = model.loss({**batch, "reset": torch.tensor(True)}, state)
-    assert state.recall_k[0].shape[2] == 8
+    assert state.memory.keys.shape[2] == 8
 
 
 def test_the_gate_learns():

@@ -29,13 +29,13 @@ def test_one_block_equals_its_segments_one_call_each(position):
     model = model_for(position)  # context 8 in 2 segments of 4
     state = model.stack.new_memory()
     whole, state = model(TOKENS[:, :8], state)
-    assert state.rmt[0].shape == (2, 3, d) and not state.rmt[0].requires_grad
+    assert state.memory.tokens.shape == (2, 3, d) and not state.memory.tokens.requires_grad
     again, parts = model.stack.new_memory(), []
     for s in (0, 4):
         out, again = model(TOKENS[:, s:s + 4], again)
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(again.rmt[0], state.rmt[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(again.memory.tokens, state.memory.tokens, rtol=1e-10, atol=1e-10)
 
 
 def test_a_segment_reads_the_previous_one_only_through_the_memory():

@@ -31,7 +31,7 @@ def test_two_segments_with_memory_equal_one_pass(kind, position):
     full, _ = model(TOKENS)
     state = model.stack.new_memory()
     first, state = model(TOKENS[:, :8], state)
-    assert [m.shape for m in state.memory] == [(2, 8, 16)] * 2
+    assert [m.shape for m in state.memory.hidden] == [(2, 8, 16)] * 2
     second, state = model(TOKENS[:, 8:], state)
     torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-10, atol=1e-10)
 
@@ -40,7 +40,7 @@ def test_memory_is_bounded_and_gradient_stopped():
     model = model_for(mem_len=5).train()
     state = model.stack.new_memory()
     _, state = model(TOKENS[:, :8], state)
-    assert all(m.shape == (2, 5, 16) and not m.requires_grad for m in state.memory)
+    assert all(m.shape == (2, 5, 16) and not m.requires_grad for m in state.memory.hidden)
     emb = model.stack.embed
     logits, state = model(TOKENS[:, 8:], state)
     logits.sum().backward()

@@ -84,8 +84,8 @@ def test_padding_changes_no_output_for_real_tokens(position):
     mem_padded = model.encode(padded, padded != PAD)
     torch.testing.assert_close(mem_padded[:, :4], mem, rtol=1e-10, atol=1e-10)
     tgt, tgt_padded = torch.tensor([[BOS, 8, 9]]), torch.tensor([[BOS, 8, 9, PAD, PAD]])
-    out, _ = model.decoder(tgt, memory=mem, memory_mask=src != PAD)
-    out_padded, _ = model.decoder(tgt_padded, memory=mem_padded, memory_mask=padded != PAD)
+    out, _ = model.decoder(tgt, source=mem, source_mask=src != PAD)
+    out_padded, _ = model.decoder(tgt_padded, source=mem_padded, source_mask=padded != PAD)
     torch.testing.assert_close(out_padded[:, :3], out, rtol=1e-10, atol=1e-10)
 
 
@@ -94,7 +94,7 @@ def test_decoder_cache_parity_and_cross_kv_computed_once():
     src, mask = batch_of(SOURCES)
     tgt = torch.randint(3, 13, (4, 9), generator=torch.Generator().manual_seed(0))
     mem = model.encode(src, mask)
-    full, _ = model.decoder(tgt, memory=mem, memory_mask=mask)
+    full, _ = model.decoder(tgt, source=mem, source_mask=mask)
     state = model.new_state(mem, mask, 16)
     cross = state.cross
     steps = [model.decoder(tgt[:, :3], state=state)[0]]

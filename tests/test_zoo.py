@@ -89,7 +89,7 @@ def test_seq2seq_decoder_causality_by_gradient(kind, position):
     mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
     memory = model.encode(src, mask)  # before the patch: the embedding table is shared
     emb = feed_leaf(model.decoder, TOKENS)
-    h, _ = model.decoder(TOKENS, memory=memory, memory_mask=mask)
+    h, _ = model.decoder(TOKENS, source=memory, source_mask=mask)
     assert_causal(model.head(h), emb)
 
 
@@ -110,7 +110,7 @@ def test_seq2seq_cache_parity(kind, position):
     model = model_for(kind, position, "seq2seq")
     src, mask = TOKENS[:, :9], torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
     memory = model.encode(src, mask)
-    full = model.head(model.decoder(TOKENS, memory=memory, memory_mask=mask)[0])
+    full = model.head(model.decoder(TOKENS, source=memory, source_mask=mask)[0])
     state = model.new_state(memory, mask, 16)
     parts = [model(TOKENS[:, :4], state)[0]] + [model(TOKENS[:, t:t + 1], state)[0] for t in range(4, T)]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-9, atol=1e-9)

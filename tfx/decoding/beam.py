@@ -1,6 +1,6 @@
 """Greedy and batched beam search for encoder-decoder models.
 
-The model provides `encode(src, src_mask)`, `new_state(memory, memory_mask, max_len)` and
+The model provides `encode(src, src_mask)`, `new_state(source, source_mask, max_len)` and
 `forward(tokens, state) -> (logits, state)`; the state's cross-attention keys/values are computed
 once per source and reordered with the beams.
 
@@ -32,8 +32,8 @@ def max_lengths(src_mask: Tensor, *, a: float, b: int, cap: int) -> list[int]:
 def greedy(model, src: Tensor, src_mask: Tensor, *, bos: int, eos: int, max_len: list[int]) -> list[Hypothesis]:
     """Batched greedy decoding: the most likely token at every step."""
     B = src.shape[0]
-    memory = model.encode(src, src_mask)
-    state = model.new_state(memory, src_mask, max(max_len) + 1)
+    source = model.encode(src, src_mask)
+    state = model.new_state(source, src_mask, max(max_len) + 1)
     last = torch.full((B, 1), bos, dtype=torch.long, device=src.device)
     tokens: list[list[int]] = [[] for _ in range(B)]
     scores = [0.0] * B
@@ -62,8 +62,8 @@ def beam_search(model, src: Tensor, src_mask: Tensor, *, beam: int, bos: int, eo
                 len_penalty: float = 1.0, nbest: int = 1) -> list[list[Hypothesis]]:
     """The `nbest` best hypotheses per sentence, best first."""
     B, K = src.shape[0], beam
-    memory = model.encode(src, src_mask).repeat_interleave(K, 0)  # (B*K, S, d)
-    state = model.new_state(memory, src_mask.repeat_interleave(K, 0), max(max_len) + 1)
+    source = model.encode(src, src_mask).repeat_interleave(K, 0)  # (B*K, S, d)
+    state = model.new_state(source, src_mask.repeat_interleave(K, 0), max(max_len) + 1)
     device = src.device
     scores = torch.zeros(B, K, dtype=torch.float64, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep one

@@ -60,6 +60,10 @@ class LanguageModel(nn.Module):
         """A sink cache (StreamingLLM): the first `sinks` and the last `window` tokens, any length."""
         return self.stack.new_stream_state(batch, sinks=sinks, window=window, **kw)
 
+    def restore_memory(self, saved: dict | list, device) -> StackState:
+        """The segment-memory state a checkpoint saved (the memory kind's State.save())."""
+        return self.stack.restore_memory(saved, device)
+
     def forward(self, tokens: Tensor, state: StackState | None = None, *,
                 last: bool = False) -> tuple[Tensor, StackState | None]:
         """(B, T) token ids -> (B, T, vocab) logits; the state's caches are extended in place.

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from tfx.models.lm import IGNORE, head_loss, output_head
 from tfx.nn.stack import TransformerStack
-from tfx.nn.state import StackState
+from tfx.nn.state import CrossKV, StackState
 
 
 class Seq2Seq(nn.Module):
@@ -34,14 +34,13 @@ class Seq2Seq(nn.Module):
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """(B, S) source ids and (B, S) True-for-real-token mask -> (B, S, d_model)."""
-        memory, _ = self.encoder(src, key_padding_mask=src_mask)
-        return memory
+        source, _ = self.encoder(src, key_padding_mask=src_mask)
+        return source
 
-    def new_state(self, memory: Tensor, memory_mask: Tensor, max_len: int | None = None) -> StackState:
-        """Decoder caches for one decoding pass over these encoder outputs."""
-        state = self.decoder.new_state(memory.shape[0], max_len or self.cfg.context, dtype=memory.dtype)
-        state.cross = [blk.cross.project_memory(memory) for blk in self.decoder.blocks]
-        state.memory_mask = memory_mask
+    def new_state(self, source: Tensor, source_mask: Tensor, max_len: int | None = None) -> StackState:
+        """Decoder caches for one decoding pass over these encoder outputs (B, S, d_model)."""
+        state = self.decoder.new_state(source.shape[0], max_len or self.cfg.context, dtype=source.dtype)
+        state.cross = CrossKV([blk.cross.project_source(source) for blk in self.decoder.blocks], source_mask)
         return state
 
     def forward(self, tokens: Tensor, state: StackState) -> tuple[Tensor, StackState]:
@@ -51,8 +50,8 @@ class Seq2Seq(nn.Module):
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
         """Summed (label-smoothed) cross-entropy over the real target tokens."""
-        memory = self.encode(batch["src"], batch["src_mask"])
-        h, _ = self.decoder(batch["tgt_in"], memory=memory, memory_mask=batch["src_mask"])
+        source = self.encode(batch["src"], batch["src_mask"])
+        h, _ = self.decoder(batch["tgt_in"], source=source, source_mask=batch["src_mask"])
         smoothing = self.label_smoothing if self.training else 0.0
         return head_loss(self.head, h, batch["tgt_out"], smoothing), {}, None
 

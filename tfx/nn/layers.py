@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from tfx.nn.dropout import Dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
@@ -26,6 +27,11 @@ def make_norm(kind: str, d: int, *, eps: float, bias: bool) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(d, eps=eps)
     return nn.LayerNorm(d, eps=eps, bias=bias)
+
+
+def frozen(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x) with gradients stopped into the module's parameters (not into x)."""
+    return functional_call(module, {k: p.detach() for k, p in module.named_parameters()}, (x,))
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:
@@ -142,9 +148,10 @@ class CrossAttention(nn.Module):
         self.kernel = kernel
         self.drop = Dropout(dropout)
 
-    def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        B, S, _ = memory.shape
-        k, v = self.kv(memory).chunk(2, dim=-1)
+    def project_source(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S, d_model) encoder output -> this layer's keys and values, each (B, Hkv, S, D)."""
+        B, S, _ = source.shape
+        k, v = self.kv(source).chunk(2, dim=-1)
         k = k.view(B, S, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, Hkv, S, D)
         v = v.view(B, S, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, Hkv, S, D)
         return k, v
@@ -158,7 +165,7 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross(norm(x), memory)], x + ffn(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross(norm(x), source)], x + ffn(norm(x))."""
 
     def __init__(self, *, attn: Attention, ffn: FeedForward, norm: str, d_model: int, eps: float, bias: bool,
                  cross: CrossAttention | None = None):
@@ -178,3 +185,14 @@ class Block(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), cross_kv, cross_spec)
         return x + self.ffn(self.norm2(x))
+
+    def frozen_attention(self, queries: Tensor | int, states: Tensor) -> tuple[Tensor, Tensor]:
+        """This layer's attention with its weights frozen and no positions (Attention.content), the
+        queries from `queries` (B, T, d) and the keys and values from `states` (B, M, d), both
+        taken through the layer's norm as its inputs are: per-head outputs (B, H, T, D) and weights
+        (B, H, T, M). An int T: the last T states are the queries, each seeing none after itself.
+        For the Compressive Transformer's memory usage and reconstruction loss."""
+        x = frozen(self.norm1, states)
+        if isinstance(queries, int):
+            return self.attn.content(x[:, -queries:], x, causal=True)
+        return self.attn.content(frozen(self.norm1, queries), x)

@@ -27,6 +27,7 @@ class PositionScheme(nn.Module):
     uses_bias = False        # adds a score bias (static or from adjust): needs supports_bias
     needs_score_mods = False  # adjust sets rel_values / score_scale: needs supports_score_mods
     extrapolates = True      # defined for positions past max_len
+    relative = False         # only distances matter (memory before a segment, sinks re-positioned in a cache)
 
     def __init__(self, cfg, *, d_model: int, d_head: int, n_heads: int, max_len: int, causal: bool,
                  n_layers: int = 1):
@@ -58,6 +59,8 @@ class NoneConfig(KindConfig):
 @POSITION.register("none", config=NoneConfig)
 class NoPositions(PositionScheme):
     """No position information (a causal decoder can still infer order; Haviv et al. 2022)."""
+
+    relative = True
 
 
 class SinusoidalConfig(KindConfig):
@@ -121,6 +124,8 @@ class Rope(PositionScheme):
     Uses the half-split pairing (feature i with i + D/2), as GPT-NeoX and LLaMA do.
     """
 
+    relative = True
+
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
         if self.d_head % 2:
@@ -169,6 +174,7 @@ def alibi_slopes(n_heads: int) -> Tensor:
 class Alibi(PositionScheme):
     """Attention with linear biases: score -= slope_h * distance (Press et al., 2022)."""
 
+    relative = True
     uses_bias = True
 
     def __init__(self, cfg, **kw):

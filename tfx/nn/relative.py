@@ -37,6 +37,7 @@ class Shaw(PositionScheme):
     a^V for each clipped distance clip(j - i, -k, k), shared by the heads, added to the keys
     (as the score bias q_i·a^K_ij / sqrt(d)) and to the values (out_i += sum_j w_ij a^V_ij)."""
 
+    relative = True
     uses_bias = True
     needs_score_mods = True
 
@@ -68,6 +69,7 @@ class TransformerXL(PositionScheme):
     (q_i + u)·k_j + (q_i + v)·W_r R_{i-j}, R a sinusoid of the distance, W_r per layer, the
     content bias u and position bias v per head and shared by the layers (as in the paper)."""
 
+    relative = True
     uses_bias = True
 
     def __init__(self, cfg, **kw):
@@ -99,6 +101,7 @@ class DistanceAware(PositionScheme):
     learned w, mapped by a learned sigmoid (1 + e^v) / (1 + e^(v - w|i-j|)) and multiplies the
     ReLU-clipped scores before the softmax. w = v = 0 at the start: a scale of 1 everywhere."""
 
+    relative = True
     needs_score_mods = True
 
     def __init__(self, cfg, **kw):
@@ -140,6 +143,7 @@ class T5Bias(PositionScheme):
     """T5's relative attention bias (Raffel et al., 2020): one learned scalar per head and
     distance bucket, shared by the layers and added to the scores."""
 
+    relative = True
     uses_bias = True
 
     def __init__(self, cfg, **kw):

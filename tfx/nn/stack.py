@@ -1,9 +1,13 @@
 """TransformerStack: token embeddings, a position scheme, blocks and a final norm.
 
 `h, state = stack(tokens, state=..., key_padding_mask=...)`: the state (KV caches) goes in and comes
-out; positions continue from the state's length, so a decode step needs no special case. A stack
-whose kernel cannot extend a cache exactly (lsh, routing) keeps the tokens instead and recomputes
-the whole prefix at each step.
+out; positions continue from the state's length, so a decode step needs no special case.
+`core` is the one pass over the blocks; `forward` picks the driver around it:
+
+- a stack whose kernel cannot extend a cache exactly (lsh, routing) keeps the tokens instead and
+  recomputes the whole prefix at each step (`recompute`, below);
+- memory tokens (rmt) read a block segment by segment (tfx/nn/memory/rmt.py);
+- a sink cache takes what overflows it a token at a time (tfx/nn/memory/sinks.py).
 """
 from __future__ import annotations
 
@@ -15,12 +19,9 @@ from torch import Tensor, nn
 from tfx.nn.dropout import Dropout
 from tfx.nn.attention.base import AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
-from tfx.nn.sinks import SinkCache, chunks_for, stream_problems
-from tfx.nn.state import StackState
+from tfx.nn.memory import sinks as streaming
+from tfx.nn.state import CrossKV, StackState
 from tfx.registry import ATTENTION, MEMORY, POSITION
-import tfx.nn.compressive  # noqa: F401  (registers the compressive memory)
-import tfx.nn.memorizing  # noqa: F401  (registers the memorizing memory)
-import tfx.nn.rmt  # noqa: F401  (registers the recurrent memory tokens)
 import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
 
 
@@ -91,8 +92,14 @@ class TransformerStack(nn.Module):
         return all(block.attn.kernel.supports_cache for block in self.blocks) and not self.recurrence.wraps
 
     def new_memory(self) -> StackState:
-        """An empty Transformer-XL state: the first segment has no memory, later ones do."""
-        return StackState()
+        """An empty segment-memory state: the first segment has no memory, later ones do."""
+        return StackState(memory=self.recurrence.new_state())
+
+    def restore_memory(self, saved: dict | list, device) -> StackState:
+        """A segment-memory state from a checkpoint's `save()` (a plain list: older runs' XL memory)."""
+        if isinstance(saved, list):
+            saved = {"memory": saved}
+        return StackState(memory=self.recurrence.State.restore(saved, device))
 
     def new_state(self, batch: int, max_len: int, *, device=None, dtype=None) -> StackState:
         """Empty generation state for `batch` rows and up to `max_len` positions: preallocated KV
@@ -107,73 +114,91 @@ class TransformerStack(nn.Module):
         ])
 
     def new_stream_state(self, batch: int, *, sinks: int, window: int, device=None, dtype=None) -> StackState:
-        """A StreamingLLM state (tfx/nn/sinks.py): per layer, a cache of the first `sinks` and the
-        last `window` tokens, whose positions are their cache slots."""
-        if problems := stream_problems(self):
-            raise ValueError("; ".join(problems))
-        p = self.embed.weight
-        return StackState([SinkCache(batch, self.n_kv_heads, self.d_head, sinks=sinks, window=window,
-                                     device=device or p.device, dtype=dtype or p.dtype) for _ in self.blocks])
+        """A StreamingLLM state (tfx/nn/memory/sinks.py)."""
+        return streaming.new_stream_state(self, batch, sinks=sinks, window=window, device=device, dtype=dtype)
 
     def forward(self, tokens: Tensor, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
-                memory: Tensor | None = None, memory_mask: Tensor | None = None,
-                cross_state: StackState | None = None,
-                wrap: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, StackState | None]:
-        """(B, T) tokens -> (B, T, d_model). A cross stack attends to `memory` (B, S, d_model),
-        or to the keys/values the state (or `cross_state`) kept from the first call. `wrap` =
-        (before, after) (B, m, d_model) embeddings around the tokens' (memory tokens); the output
-        then covers them too."""
-        if self.recurrence.wraps and wrap is None and not (state is not None and state.tokens is not None):
-            return self.recurrence.run(self, tokens, state)  # memory tokens: segment by segment
-        if state is not None and state.tokens is not None:  # no cache: run the whole prefix again
-            state.tokens = torch.cat([state.tokens, tokens], dim=1)
-            T = tokens.shape[1]
-            h, _ = self.forward(state.tokens, key_padding_mask=key_padding_mask, memory=memory,
-                                memory_mask=memory_mask, cross_state=state)
-            return h[:, -T:], state
-        B, T = tokens.shape
-        sink = state.layers[0] if state is not None and state.layers and isinstance(state.layers[0], SinkCache) \
-            else None
-        if sink is not None and sink.length + T > sink.capacity and T > 1:  # evicting: a token at a time
-            pieces = chunks_for(sink.length, sink.capacity, T)
-            outs = [self.forward(tokens[:, a:b], state=state)[0] for a, b in pieces]
-            return torch.cat(outs, 1), state
-        recurrent = state is not None and self.recurrent and not state.layers  # a segment memory state
-        mems = self.recurrence.memories(state) if recurrent else None
-        hooks = self.recurrence.hooks(state, tokens) if recurrent else None
-        offset = (state.length if state is not None else 0) + (mems[0].shape[1] if mems else 0)
-        if sink is not None:  # positions are cache slots, after the eviction this call makes
-            offset = sink.start_for(T)
-        q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
-        k_pos = torch.arange(0, offset + T, device=tokens.device) if offset else q_pos  # (Tk,)
-        if wrap is not None:  # a segment with its memory tokens, at positions from 0
-            offset, T = 0, T + 2 * wrap[0].shape[1]
-            q_pos = k_pos = torch.arange(T, device=tokens.device)
-        self.pos.ensure(offset + T)
+                source: Tensor | None = None, source_mask: Tensor | None = None) -> tuple[Tensor, StackState | None]:
+        """(B, T) tokens -> (B, T, d_model), through the driver the state and memory kind need."""
+        if state is not None and state.tokens is not None:
+            return recompute(self, tokens, state, key_padding_mask, source, source_mask)
+        if self.recurrence.wraps:
+            return self.recurrence.run(self, tokens, state)
+        if streaming.needs_chunks(state, tokens.shape[1]):
+            return streaming.streamed(self, tokens, state)
+        return self.core(tokens, state, key_padding_mask=key_padding_mask, source=source, source_mask=source_mask)
+
+    def core(self, tokens: Tensor, state: StackState | None = None, *, key_padding_mask: Tensor | None = None,
+             source: Tensor | None = None, source_mask: Tensor | None = None,
+             wrap: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, StackState | None]:
+        """One pass: (B, T) tokens -> (B, T, d_model). A cross stack attends to `source` (B, S, d_model)
+        or to the keys/values the state kept from the first call; a memory state gives each layer its
+        memory and takes the next. `wrap` = (before, after) (B, m, d_model) embeddings around the
+        tokens (memory tokens); the output then covers them too."""
+        memory = state.memory if state is not None else None
+        mems = self.recurrence.memories(memory) if memory is not None else None
+        q_pos, k_pos, end = self.positions(tokens, state, mems, wrap)
+        self.pos.ensure(end)
         spec = AttnSpec(q_pos=q_pos, k_pos=k_pos, causal=self.causal, key_padding_mask=key_padding_mask,
                         bias=self.pos.bias(q_pos, k_pos))
         x = self.embed(tokens)  # (B, T, d_model)
         if wrap is not None:
-            x = torch.cat([wrap[0], x, wrap[1]], 1)
+            x = torch.cat([wrap[0], x, wrap[1]], 1)  # (B, m + T + m, d_model)
         x = self.drop(self.pos.embed(x, q_pos))
         caches = state.layers if state is not None and state.layers else [None] * len(self.blocks)
-        cross_kvs, cross_spec = [None] * len(self.blocks), None
-        if self.has_cross:
-            kept = state if state is not None else cross_state
-            if kept is not None and kept.cross is not None:
-                cross_kvs, memory_mask = kept.cross, kept.memory_mask
-            else:
-                cross_kvs = [block.cross.project_memory(memory) for block in self.blocks]
-                if kept is not None:
-                    kept.cross, kept.memory_mask = cross_kvs, memory_mask
-            S = cross_kvs[0][0].shape[2]
-            cross_spec = AttnSpec(q_pos=q_pos, k_pos=torch.arange(S, device=tokens.device), causal=False,
-                                  key_padding_mask=memory_mask)
+        cross_kvs, cross_spec = self.cross_inputs(q_pos, state, source, source_mask)
+        hooks = self.recurrence.hooks(memory, tokens) if memory is not None else None
         inputs = []
         for i, (block, cache, kv) in enumerate(zip(self.blocks, caches, cross_kvs)):
             inputs.append(x)
             x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv, cross_spec=cross_spec,
                       memory=mems[i] if mems else None, recall=hooks[i] if hooks else None)
-        if recurrent:  # the next segment's memory, from the inputs of each layer
-            self.recurrence.update(state, inputs, self.blocks)
+        if memory is not None:  # the next segment's memory, from the inputs of each layer
+            state.aux_loss = self.recurrence.carry(memory, inputs, self.blocks)
         return self.norm(x), state
+
+    def positions(self, tokens: Tensor, state: StackState | None, mems: list[Tensor] | None,
+                  wrap: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int]:
+        """(Tq,) query and (Tk,) key positions of a pass, and the largest position + 1: they continue
+        the state's, after any segment memory; in a sink cache they are the cache slots."""
+        T = tokens.shape[1]
+        if wrap is not None:  # a segment with its memory tokens, at positions from 0
+            q_pos = torch.arange(T + 2 * wrap[0].shape[1], device=tokens.device)
+            return q_pos, q_pos, q_pos.shape[0]
+        sink = streaming.sink_of(state)
+        if sink is not None:  # positions are cache slots, after the eviction this call makes
+            offset = sink.start_for(T)
+        else:
+            offset = (state.length if state is not None else 0) + (mems[0].shape[1] if mems else 0)
+        q_pos = torch.arange(offset, offset + T, device=tokens.device)  # (T,)
+        k_pos = torch.arange(0, offset + T, device=tokens.device) if offset else q_pos  # (Tk,)
+        return q_pos, k_pos, offset + T
+
+    def cross_inputs(self, q_pos: Tensor, state: StackState | None, source: Tensor | None,
+                     source_mask: Tensor | None) -> tuple[list, AttnSpec | None]:
+        """Per layer, the source's keys/values (projected once, then kept in the state), and their spec."""
+        if not self.has_cross:
+            return [None] * len(self.blocks), None
+        cross = state.cross if state is not None else None
+        if cross is None:
+            cross = CrossKV([block.cross.project_source(source) for block in self.blocks], source_mask)
+            if state is not None:
+                state.cross = cross
+        S = cross.kv[0][0].shape[2]
+        spec = AttnSpec(q_pos=q_pos, k_pos=torch.arange(S, device=q_pos.device), causal=False,
+                        key_padding_mask=cross.mask)
+        return cross.kv, spec
+
+
+def recompute(stack: TransformerStack, tokens: Tensor, state: StackState, key_padding_mask: Tensor | None,
+              source: Tensor | None, source_mask: Tensor | None) -> tuple[Tensor, StackState]:
+    """A kernel without a cache (lsh, routing) or memory tokens: the state keeps the token history,
+    and each call runs the whole prefix again (keeping only the cross keys/values); returns the new
+    tokens' outputs."""
+    state.tokens = torch.cat([state.tokens, tokens], dim=1)
+    T = tokens.shape[1]
+    again = StackState(cross=state.cross)
+    h, _ = stack(state.tokens, state=again, key_padding_mask=key_padding_mask, source=source,
+                 source_mask=source_mask)
+    state.cross = again.cross
+    return h[:, -T:], state

@@ -6,6 +6,7 @@ step allocates no new cache memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,37 +45,37 @@ class KVCache:
 
 
 @dataclass
-class StackState:
-    """Per-layer caches of one stack and the number of positions already consumed.
+class CrossKV:
+    """A cross stack's view of the source: each layer's projected encoder keys and values
+    (B, Hkv, S, D), computed once per source, and the (B, S) source mask (True = a real token)."""
 
-    A decoder with cross-attention also keeps each layer's projected encoder keys/values
-    (`cross`) and the source padding mask, computed once per source.
+    kv: list[tuple[Tensor, Tensor]]
+    mask: Tensor | None = None
+
+    def reorder(self, index: Tensor) -> None:
+        self.kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv]
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+
+
+@dataclass
+class StackState:
+    """What goes into a stack and comes out of it, and nothing that only one memory kind needs.
+
+    - `layers`: per layer, a KVCache, a sink cache or a kernel's own state (empty: no cache);
+    - `cross`: a cross stack's projected source (CrossKV), kept from the first call;
+    - `memory`: the memory kind's own state (tfx/nn/memory: XLState, RMTState, ...), carried from
+      segment to segment; None without one;
+    - `tokens`: (B, L) the history, for kernels without a cache (the stack recomputes the prefix);
+    - `aux_loss`: a training penalty of the last segment (the memory kind's, e.g. attention
+      reconstruction).
     """
 
-    layers: list = field(default_factory=list)  # KVCache, or a kernel's own state, per layer
-    cross: list[tuple[Tensor, Tensor]] | None = None
-    memory_mask: Tensor | None = None  # (B, S) True = a real source token
-    tokens: Tensor | None = None  # (B, L) the history, for kernels without a cache (recomputed)
-    memory: list[Tensor] | None = None  # Transformer-XL: per layer, (B, M, d_model) inputs of past segments
-    compressed: list[Tensor] | None = None  # Compressive Transformer: per layer, (B, Mc, d_model)
-    usage: list[Tensor] | None = None  # per layer, (B, M) attention each memory slot received (most_used)
-    recall_k: list[Tensor] | None = None  # Memorizing Transformer: the store's (B, Hkv, N, D) keys
-    recall_v: list[Tensor] | None = None  # ... and values
-    recall_from: list[Tensor] | None = None  # ... and per row (B,) how many of them an earlier document left
-    rmt: list[Tensor] | None = None  # Recurrent Memory Transformer: [(B, m, d_model)] memory tokens
-    aux_loss: Tensor | None = None  # a training penalty of the last segment (attention reconstruction)
-
-    CARRIED = ("memory", "compressed", "usage", "recall_k", "recall_v", "recall_from", "rmt")  # what a resumed training run must get back
-
-    def carried(self) -> dict:
-        """The segment memory as plain CPU tensors, for a checkpoint."""
-        return {name: [t.cpu() for t in getattr(self, name)] for name in self.CARRIED if getattr(self, name)}
-
-    @classmethod
-    def restore(cls, carried: dict | list, device) -> "StackState":
-        if isinstance(carried, list):  # checkpoints before the compressive memory kept only `memory`
-            carried = {"memory": carried}
-        return cls(**{name: [t.to(device) for t in ts] for name, ts in carried.items()})
+    layers: list = field(default_factory=list)
+    cross: CrossKV | None = None
+    memory: Any = None
+    tokens: Tensor | None = None
+    aux_loss: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -83,17 +84,15 @@ class StackState:
         return self.layers[0].length if self.layers else 0
 
     def reorder(self, index: Tensor) -> None:
-        for name in self.CARRIED:
-            if getattr(self, name) is not None:
-                setattr(self, name, [m.index_select(0, index) for m in getattr(self, name)])
+        """Select batch rows (beam search): row i becomes old row index[i]."""
+        if self.memory is not None:
+            self.memory.reorder(index)
         if self.tokens is not None:
             self.tokens = self.tokens.index_select(0, index)
         for layer in self.layers:
             layer.reorder(index)
         if self.cross is not None:
-            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
-        if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask.index_select(0, index)
+            self.cross.reorder(index)
 
     def crop(self, length: int) -> None:
         if self.tokens is not None:

@@ -22,7 +22,6 @@ from tfx.config import HIGHER_IS_BETTER
 from tfx.data.batching import DataPosition
 from tfx.errors import RunError
 from tfx.nn.attention.base import aux_losses
-from tfx.nn.state import StackState
 from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.train import checkpoint as ckpt
 from tfx.train.progress import Progress
@@ -155,9 +154,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         if trainer.get("best_metric", "loss") != cfg.best_metric:
             best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
         torch.set_rng_state(extra["rng_cpu"])
-        for j, carried in enumerate(extra.get("memory") or []):
-            if carried and j < len(states):
-                states[j] = StackState.restore(carried, device)
+        for j, saved in enumerate(extra.get("memory") or []):
+            if saved and j < len(states):  # the memory kind's State.save(), or an old run's list
+                states[j] = model.restore_memory(saved, device)
         if device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"])
         trim_metrics(metrics_path, step)
@@ -183,9 +182,9 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         extra = {"rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
-        carried = [s.carried() if s is not None else None for s in states]
-        if any(carried):  # so a resume continues the segment memory
-            extra["memory"] = carried
+        saved = [s.memory.save() if s is not None and s.memory is not None else None for s in states]
+        if any(saved):  # so a resume continues the segment memory
+            extra["memory"] = saved
         trainer = {"step": step, "data": asdict(position), "best": best, "best_metric": cfg.best_metric}
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra,
                              keep=cfg.keep_checkpoints)

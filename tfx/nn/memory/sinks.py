@@ -9,14 +9,17 @@ the text it is ordinary dense attention whose positions grow with the text.
 
 When new tokens would overflow the cache, the oldest window tokens are evicted first. A chunk of
 T > 1 tokens is taken whole only while it fits; past that the stack feeds it one token at a time,
-so every token sees exactly the sinks and the `window` tokens before it (itself included).
+so every token sees exactly the sinks and the `window` tokens before it (itself included):
+`streamed` is that driver around the stack's single-pass core.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from tfx.nn.recurrence import RELATIVE
+from tfx.nn.memory.base import relative_positions
+from tfx.nn.state import StackState
+from tfx.registry import POSITION
 
 
 class SinkCache:
@@ -68,15 +71,46 @@ def chunks_for(length: int, capacity: int, T: int) -> list[tuple[int, int]]:
     return pieces + [(i, i + 1) for i in range(fit, T)]
 
 
+def sink_of(state: StackState | None) -> SinkCache | None:
+    """The first layer's sink cache, when the state streams (else None)."""
+    if state is not None and state.layers and isinstance(state.layers[0], SinkCache):
+        return state.layers[0]
+    return None
+
+
+def needs_chunks(state: StackState | None, T: int) -> bool:
+    """Whether T new tokens overflow the state's sink cache, so must go in pieces."""
+    sink = sink_of(state)
+    return sink is not None and sink.length + T > sink.capacity and T > 1
+
+
+def streamed(stack, tokens: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+    """(B, T) tokens through a sink-cache state in pieces (chunks_for): what fits, then one at a time."""
+    sink = sink_of(state)
+    pieces = chunks_for(sink.length, sink.capacity, tokens.shape[1])
+    outs = [stack.core(tokens[:, a:b], state)[0] for a, b in pieces]
+    return torch.cat(outs, 1), state
+
+
+def new_stream_state(stack, batch: int, *, sinks: int, window: int, device=None, dtype=None) -> StackState:
+    """A StreamingLLM state for `stack`: per layer, a cache of the first `sinks` and the last `window`
+    tokens, whose positions are their cache slots."""
+    if problems := stream_problems(stack):
+        raise ValueError("; ".join(problems))
+    p = stack.embed.weight
+    return StackState([SinkCache(batch, stack.n_kv_heads, stack.d_head, sinks=sinks, window=window,
+                                 device=device or p.device, dtype=dtype or p.dtype) for _ in stack.blocks])
+
+
 def stream_problems(stack) -> list[str]:
     """Why this stack cannot stream with a sink cache (empty when it can)."""
     from tfx.nn.attention.base import AttentionKernel
 
     out = []
     kind = stack.cfg.position.kind
-    if kind not in RELATIVE:
+    if not POSITION.get(kind).relative:
         out.append(f"attention sinks re-assign positions inside the cache, which needs a relative position "
-                   f"scheme ({', '.join(RELATIVE)}); this model uses {kind!r}")
+                   f"scheme ({', '.join(relative_positions())}); this model uses {kind!r}")
     kernel = stack.blocks[0].attn.kernel
     if type(kernel).new_cache is not AttentionKernel.new_cache or not kernel.supports_cache:
         out.append(f"attention sinks keep keys and values in a cache, which {stack.cfg.attention.kind!r} "

@@ -12,10 +12,13 @@ token history, segment by segment, starting from the learned memory.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from tfx.nn.memory.base import MemoryState
 from tfx.nn.state import StackState
 from tfx.registry import MEMORY, KindConfig
 
@@ -26,6 +29,16 @@ class RMTConfig(KindConfig):
     segments: int = Field(2, gt=0)  # segments per training block: backprop runs through all of them
 
 
+@dataclass
+class RMTState(MemoryState):
+    """The (B, m, d_model) memory tokens the last segment wrote (None: start from the learned ones)."""
+
+    tokens: Tensor | None = None
+
+    SAVED = {"rmt": "tokens"}
+    SINGLE = ("tokens",)
+
+
 @MEMORY.register("rmt", config=RMTConfig)
 class RecurrentMemoryTokens(nn.Module):
     """Recurrent Memory Transformer (Bulatov et al., 2022): memory tokens read before and written
@@ -33,6 +46,7 @@ class RecurrentMemoryTokens(nn.Module):
 
     needs = "-"
     mem_len, carries, wraps = 0, True, True
+    State = RMTState
 
     def __init__(self, cfg, *, d_model: int, context: int, **_):
         super().__init__()
@@ -41,21 +55,21 @@ class RecurrentMemoryTokens(nn.Module):
         self.extra_positions = 2 * cfg.tokens
         self.init = nn.Parameter(torch.randn(cfg.tokens, d_model) * 0.02)
 
-    def memories(self, state):
-        return None
-
-    def hooks(self, state, tokens=None):
-        return None
+    def new_state(self) -> RMTState:
+        return RMTState()
 
     def run(self, stack, tokens: Tensor, state: StackState | None) -> tuple[Tensor, StackState]:
-        """(B, T) tokens in segments of `segment`, the memory flowing through them with its gradient."""
+        """(B, T) tokens in segments of `segment`, the memory flowing through them with its gradient
+        (a driver around the stack's single-pass core)."""
         state = state if state is not None else StackState()
+        own = state.memory if state.memory is not None else RMTState()
         m = self.n_tokens
-        memory = state.rmt[0] if state.rmt else self.init.expand(tokens.shape[0], -1, -1)
+        memory = own.tokens if own.tokens is not None else self.init.expand(tokens.shape[0], -1, -1)
         outs = []
         for a in range(0, tokens.shape[1], self.segment):
-            h, _ = stack(tokens[:, a:a + self.segment], wrap=(memory, memory))  # (B, m + S + m, d)
+            h, _ = stack.core(tokens[:, a:a + self.segment], wrap=(memory, memory))  # (B, m + S + m, d)
             outs.append(h[:, m:-m])
             memory = h[:, -m:]
-        state.rmt = [memory.detach()]
+        own.tokens = memory.detach()
+        state.memory = own
         return torch.cat(outs, 1), state

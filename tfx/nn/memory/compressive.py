@@ -21,15 +21,15 @@ mem_len positions, as with `xl`: the compressed memory serves training and recur
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from tfx.nn.recurrence import XLMemory
+from tfx.nn.memory.xl import XLMemory, XLState
 from tfx.registry import MEMORY, KindConfig
 
 
@@ -42,15 +42,23 @@ class CompressiveConfig(KindConfig):
     recon_weight: float = Field(1.0, ge=0)  # weight of the attention-reconstruction loss (conv)
 
 
-def frozen(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x) with gradients stopped into the module's parameters (not into x)."""
-    return functional_call(module, {k: p.detach() for k, p in module.named_parameters()}, (x,))
+@dataclass
+class CompressiveState(XLState):
+    """The XL memory (`hidden`) and, per layer, the (B, Mc, d_model) compressed memory behind it;
+    with most_used, per layer the (B, M) attention each memory slot has received (`usage`)."""
+
+    compressed: list[Tensor] | None = None
+    usage: list[Tensor] | None = None
+
+    SAVED = {"memory": "hidden", "compressed": "compressed", "usage": "usage"}
 
 
 @MEMORY.register("compressive", config=CompressiveConfig)
 class CompressiveMemory(XLMemory):
     """Compressive Transformer (Rae et al., 2019): states leaving the XL memory are compressed
     `rate` to 1 (max, mean, conv or most_used) into a second FIFO of cmem_len slots."""
+
+    State = CompressiveState
 
     def __init__(self, cfg, *, d_model: int, n_layers: int, **_):
         super().__init__(cfg)
@@ -63,12 +71,12 @@ class CompressiveMemory(XLMemory):
                     conv.weight.copy_(torch.eye(d_model)[:, :, None].expand(-1, -1, cfg.rate) / cfg.rate)
                     conv.bias.zero_()
 
-    def memories(self, state) -> list[Tensor] | None:
-        if not state.memory:
+    def memories(self, state: CompressiveState) -> list[Tensor] | None:
+        if not state.hidden:
             return None
         if not state.compressed:
-            return state.memory
-        return [torch.cat([c, m], 1) for c, m in zip(state.compressed, state.memory)]
+            return state.hidden
+        return [torch.cat([c, m], 1) for c, m in zip(state.compressed, state.hidden)]
 
     def compress(self, i: int, old: Tensor, usage: Tensor | None) -> Tensor:
         """(B, N, d) old states, N a multiple of rate -> (B, N / rate, d)."""
@@ -81,14 +89,14 @@ class CompressiveMemory(XLMemory):
         pool = F.max_pool1d if self.kind == "max" else F.avg_pool1d
         return pool(x, self.rate, self.rate).transpose(1, 2)
 
-    def update(self, state, inputs: list[Tensor], blocks) -> None:
+    def carry(self, state: CompressiveState, inputs: list[Tensor], blocks) -> Tensor | None:
+        """The next segment's memories; returns the attention-reconstruction loss (conv, training)."""
         memory, compressed, usage, losses = [], [], [], []
         for i, (h, block) in enumerate(zip(inputs, blocks)):
             full = self.joined(state, i, h.detach())  # (B, M + T, d)
             used = None
             if self.kind == "most_used":
-                x = frozen(block.norm1, full)
-                _, probs = block.attn.content(x[:, -h.shape[1]:], x, causal=True)  # (B, H, T, M + T)
+                _, probs = block.frozen_attention(h.shape[1], full)  # (B, H, T, M + T)
                 used = probs.sum((1, 2))
                 if state.usage:
                     used[:, :state.usage[i].shape[1]] += state.usage[i]
@@ -104,15 +112,14 @@ class CompressiveMemory(XLMemory):
                     losses.append(self.reconstruction(block, h.detach(), old, squeezed))
                 prev = torch.cat([prev, squeezed.detach()], 1)[:, -self.cmem_len:]
             compressed.append(prev)
-        state.memory, state.compressed = memory, compressed
+        state.hidden, state.compressed = memory, compressed
         state.usage = usage or None
-        state.aux_loss = self.recon_weight * torch.stack(losses).sum() if losses else None
+        return self.recon_weight * torch.stack(losses).sum() if losses else None
 
     @staticmethod
     def reconstruction(block, h: Tensor, old: Tensor, squeezed: Tensor) -> Tensor:
         """Mean squared error between the layer's frozen attention over the old states and over
         their compression, from the segment's queries: gradients reach only the compressor."""
-        q = frozen(block.norm1, h)
-        target, _ = block.attn.content(q, frozen(block.norm1, old))
-        got, _ = block.attn.content(q, frozen(block.norm1, squeezed))
+        target, _ = block.frozen_attention(h, old)
+        got, _ = block.frozen_attention(h, squeezed)
         return F.mse_loss(got, target.detach())

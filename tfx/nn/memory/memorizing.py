@@ -10,7 +10,7 @@ positions) and with gradients stopped; a segment's pairs enter the store after i
 have read it. The store starts empty with every new stream (each epoch of training, each lane of
 a recurrent evaluation), and it forgets a document when the next one starts: a stream reads
 documents as [bos] + text, so from a `doc_token` (tfx tokenizers' BOS, id 1) on, a query reads no
-pair stored before it, and those pairs leave the readable part of the store (`recall_from` counts
+pair stored before it, and those pairs leave the readable part of the store (`first` counts
 them per row until FIFO eviction drops them).
 `mem_len` > 0 adds a Transformer-XL memory to every layer as well, as in the paper.
 
@@ -18,11 +18,13 @@ Generation uses the ordinary KV cache (context + mem_len positions) without the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from tfx.nn.recurrence import XLMemory
+from tfx.nn.memory.xl import XLMemory, XLState
 from tfx.registry import MEMORY, KindConfig
 
 
@@ -51,12 +53,26 @@ def knn_attention(q: Tensor, keys: Tensor, values: Tensor, top_k: int, readable:
     return (best.softmax(-1)[..., None, :] @ picked).squeeze(-2)  # (B, H, T, D)
 
 
+@dataclass
+class MemorizingState(XLState):
+    """The XL memory (`hidden`, with mem_len > 0) and the kNN layer's store: (B, Hkv, N, D) keys
+    and values, and per row (B,) how many of them an earlier document left (unreadable)."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    first: Tensor | None = None
+
+    SAVED = {"memory": "hidden", "recall_k": "keys", "recall_v": "values", "recall_from": "first"}
+    SINGLE = ("keys", "values", "first")
+
+
 @MEMORY.register("memorizing", config=MemorizingConfig)
 class MemorizingMemory(XLMemory):
     """Memorizing Transformer (Wu et al., 2022): one layer retrieves the top-k (key, value) heads
     of earlier segments of its stream and gates them with its own attention."""
 
     needs = "with mem_len > 0: relative positions, a kernel with a KV cache"
+    State = MemorizingState
 
     def __init__(self, cfg, *, n_layers: int, n_heads: int, **_):
         super().__init__(cfg)
@@ -65,28 +81,29 @@ class MemorizingMemory(XLMemory):
         self.doc_token = cfg.doc_token if cfg.doc_token >= 0 else None
         self.gate = nn.Parameter(torch.zeros(n_heads))  # per-head bias b_h; g = sigmoid(b_h) starts at 1/2
 
-    def memories(self, state) -> list[Tensor] | None:
-        return state.memory if self.mem_len else None
+    def memories(self, state: MemorizingState) -> list[Tensor] | None:
+        return state.hidden if self.mem_len else None
 
-    def update(self, state, inputs: list[Tensor], blocks) -> None:
+    def carry(self, state: MemorizingState, inputs: list[Tensor], blocks) -> None:
+        """The XL memory moves on here; the store has taken the segment's pairs in `recall`."""
         if self.mem_len:
-            super().update(state, inputs, blocks)
+            super().carry(state, inputs, blocks)
 
-    def hooks(self, state, tokens: Tensor | None = None) -> list:
+    def hooks(self, state: MemorizingState, tokens: Tensor | None = None) -> list:
         out: list = [None] * self.n_layers
         out[self.layer] = lambda q, k, v, y: self.recall(state, q, k, v, y, tokens)
         return out
 
-    def recall(self, state, q: Tensor, k: Tensor, v: Tensor, y: Tensor, tokens: Tensor | None = None) -> Tensor:
+    def recall(self, state: MemorizingState, q: Tensor, k: Tensor, v: Tensor, y: Tensor, tokens: Tensor | None = None) -> Tensor:
         """The gated mix of y (B, H, T, D) and the store's answer to q; then the segment's k, v
         (B, Hkv, T, D) join the store. With `tokens` (B, T), a document start hides the pairs
         stored before it from its own query and every later one."""
         B, _, T, _ = q.shape
         starts = tokens == self.doc_token if tokens is not None and self.doc_token is not None else None  # (B, T)
-        old = state.recall_k[0].shape[2] if state.recall_k else 0
-        first = state.recall_from[0] if state.recall_from else torch.zeros(B, dtype=torch.long, device=q.device)
+        old = state.keys.shape[2] if state.keys is not None else 0
+        first = state.first if state.first is not None else torch.zeros(B, dtype=torch.long, device=q.device)
         if old:
-            keys, values = state.recall_k[0], state.recall_v[0]
+            keys, values = state.keys, state.values
             readable = torch.arange(old, device=q.device)[None, :] >= first[:, None]  # (B, N): this document's
             if starts is not None:  # (B, 1, T, N): and only before a new document starts in the segment
                 readable = readable[:, None, None, :] & (starts.cumsum(-1) == 0)[:, None, :, None]
@@ -101,6 +118,6 @@ class MemorizingMemory(XLMemory):
             last = (starts * at).amax(-1)  # (B,): 1 + the index of the last start, 0 for none
             first = torch.where(last > 0, old + last - 1, first)
         drop = max(0, old + T - self.size)
-        state.recall_k, state.recall_v = [k.detach()[:, :, -self.size:]], [v.detach()[:, :, -self.size:]]
-        state.recall_from = [(first - drop).clamp(min=0)]
+        state.keys, state.values = k.detach()[:, :, -self.size:], v.detach()[:, :, -self.size:]
+        state.first = (first - drop).clamp(min=0)
         return y
