@@ -69,7 +69,7 @@ def _without_dynamo(name: str):
             return torch_method(self, *args, **kwargs)
         return raw(self, *args, **kwargs)
 
-    method.__name__ = method.__qualname__ = name
+    method.__name__, method.__qualname__ = name, f"AdamW.{name}"
     method.__doc__ = torch_method.__doc__
     return method
 
