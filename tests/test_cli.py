@@ -200,7 +200,23 @@ def test_stop_strings_take_backslash_escapes():
     assert unescape("a\\nb") == "a\nb" and unescape("a\\\\nb") == "a\\nb" and unescape("ü\\t\\x") == "ü\t\\x"
 
 
-def test_bad_generate_options_exit_2(char_run):
-    for args in (["--temperature", "-1"], ["--top-p", "1.5"], ["--checkpoint", "newest"], ["-", "--stream"]):
+def test_bad_generate_options_exit_2(char_run, env):
+    """The decoding options' bounds are GenerateConfig's (those of a recipe's [generate] table),
+    checked once by tfx.config.generate_settings: the same message, naming the option."""
+    from tfx.config import GenerateConfig, generate_settings
+    from tfx.errors import UsageError
+
+    for args in (["--temperature", "-1"], ["--top-p", "1.5"], ["--top-p", "0"], ["--top-k", "0"],
+                 ["--max-new-tokens", "0"], ["--beam", "0"]):
+        flag, value = args[0], float(args[1]) if args[0] in ("--temperature", "--top-p") else int(args[1])
+        with pytest.raises(UsageError) as exc:
+            generate_settings(GenerateConfig(), {flag[2:].replace("-", "_"): value})
+        assert str(exc.value).startswith(f"{flag} {value!r}: ")
+        proc = tfx_in_process("generate", str(char_run), "hi", *args)
+        assert proc.returncode == 2 and f"tfx: error: {exc.value}" in proc.stderr, (args, proc.stderr)
+    proc = tfx_in_process("eval", str(char_run), "--beam", "0", env=env)
+    assert proc.returncode == 2 and "--beam 0: " in proc.stderr and "Traceback" not in proc.stderr
+    for args, says in ((["--checkpoint", "newest"], "--checkpoint 'newest'"), (["--nbest", "0"], "--nbest 0"),
+                       (["--nbest", "3", "--beam", "2"], "--nbest 3 needs a beam"), (["-", "--stream"], "--stream")):
         proc = tfx_in_process("generate", str(char_run), *(args if args[0] == "-" else ["hi", *args]), input="x\n")
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)

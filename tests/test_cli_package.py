@@ -1,5 +1,6 @@
-"""The CLI as a package: --version, shell completion, the command list, decoding options checked
-by GenerateConfig, complete tables off a terminal, `recipe show` with every key, and no cycle."""
+"""The CLI as a package: --version, shell completion, the command list, complete tables off a
+terminal, `recipe show` with every key, and no import cycle. (Bad decoding options, which need a
+run: tests/test_cli.py.)"""
 from __future__ import annotations
 
 import ast
@@ -51,36 +52,6 @@ def test_help_lists_every_command_and_each_explains_itself():
     for command in COMMANDS:
         proc = tfx_in_process(command, "--help")
         assert proc.returncode == 0 and "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 6, command
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--temperature", "-1"], "--temperature -1.0: must be greater than or equal to 0 (generate.temperature"),
-    (["--top-p", "1.5"], "--top-p 1.5: must be less than or equal to 1 (generate.top_p"),
-    (["--top-p", "0"], "--top-p 0.0: must be greater than 0 (generate.top_p"),
-    (["--top-k", "0"], "--top-k 0: must be greater than 0 (generate.top_k"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be greater than 0"),
-    (["--beam", "0"], "--beam 0: must be greater than 0 (generate.beam"),
-    (["--nbest", "0"], "--nbest 0: must be greater than 0"),
-    (["--nbest", "3", "--beam", "2"], "--nbest 3 needs a beam at least as large"),
-])
-def test_decoding_options_are_checked_by_generate_config(tmp_path, args, message):
-    """The bounds are GenerateConfig's (the recipe's [generate] table), checked before the run is read."""
-    proc = tfx_in_process("generate", str(tmp_path / "no-run"), "hi", *args)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-
-
-def test_eval_beam_is_checked_by_generate_config(tmp_path):
-    proc = tfx_in_process("eval", str(tmp_path / "no-run"), "--beam", "0")
-    assert proc.returncode == 2 and "--beam 0: must be greater than 0 (generate.beam" in proc.stderr
-    proc = tfx_in_process("eval", str(tmp_path / "no-run"), "--beam", "2")  # valid: the run is what is missing
-    assert proc.returncode == 2 and "not a tfx run directory" in proc.stderr
-
-
-def test_accepted_decoding_options_pass():
-    from tfx.cli.options import check_decoding
-
-    check_decoding(temperature=0.0, top_p=1.0, top_k=1, max_new_tokens=1, beam=1, compile=None)
-    check_decoding()
 
 
 def test_recipe_kinds_through_a_pipe_is_complete():

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from tfx.cli.common import check_checkpoint, check_split, out_console
-from tfx.cli.options import KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, check_decoding, knn_overrides, \
-    stream_options
+from tfx.cli.options import KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, knn_overrides, stream_options
 from tfx.errors import UsageError
 
 
@@ -52,7 +51,6 @@ def eval_(
         raise UsageError("--stride must be positive")
     if context is not None and context <= 1:
         raise UsageError("--context must be at least 2")
-    check_decoding(beam=beam)
     knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature, knn_nprobe, knn_candidates)
     if max_tokens is not None and max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")

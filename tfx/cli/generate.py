@@ -8,8 +8,7 @@ from typing import Iterable, List, Optional
 import typer
 
 from tfx.cli.common import check_checkpoint, stdin_lines, unescape
-from tfx.cli.options import KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, check_decoding, knn_overrides, \
-    stream_options
+from tfx.cli.options import KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, knn_overrides, stream_options
 from tfx.errors import UsageError
 
 
@@ -52,9 +51,10 @@ def generate(
     from tfx import run
 
     check_checkpoint(checkpoint)
-    check_decoding(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, beam=beam)
+    # --max-new-tokens, --temperature, --top-k, --top-p, --beam, --compile: GenerateConfig's bounds,
+    # checked by run.generate_lines with the run's own [generate] values
     if nbest is not None and nbest <= 0:
-        raise UsageError(f"--nbest {nbest}: must be greater than 0")
+        raise UsageError(f"--nbest {nbest}: must be positive")
     if nbest and nbest > (beam or 1):
         raise UsageError(f"--nbest {nbest} needs a beam at least as large (--beam {nbest})")
     from_stdin = prompt == "-"

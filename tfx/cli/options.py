@@ -1,5 +1,7 @@
-"""Options that `tfx eval` and `tfx generate` share: decoding settings (validated by the recipe's
-own GenerateConfig), the kNN-LM's settings and the attention-sink cache."""
+"""Options that `tfx eval` and `tfx generate` share: the kNN-LM's settings and the attention-sink
+cache. The decoding options (--temperature, --top-p, --beam, ...) are not checked here: tfx.run
+validates them once, with the run's [generate] table, through the recipe's GenerateConfig
+(tfx.config.generate_settings), and a bad one is a usage error naming its option."""
 from __future__ import annotations
 
 import typer
@@ -14,31 +16,6 @@ SINKS = typer.Option(None, help="With --stream-window: initial tokens always kep
 KNN_NPROBE = typer.Option(None, "--nprobe", help="With --knn, an IVF-PQ store: lists searched per query.")
 KNN_CANDIDATES = typer.Option(None, "--candidates", help="With --knn, an IVF-PQ store: keys its codes retrieve, "
                               "re-ranked by exact distance before the k nearest are kept.")
-
-# GenerateConfig's fields as the command line spells them.
-FLAGS = {"max_new_tokens": "--max-new-tokens", "beam": "--beam", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "compile": "--compile"}
-
-
-def check_decoding(**given) -> None:
-    """Validate the decoding options a user gave (None = not given) through GenerateConfig, the
-    model that validates a recipe's [generate] table, so the command line and the recipe share one
-    set of bounds. A bad value is a UsageError naming the option, the value and what is allowed."""
-    from pydantic import ValidationError
-
-    from tfx.config import GenerateConfig
-
-    try:
-        GenerateConfig.model_validate({k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        raise UsageError("; ".join(_explain(e) for e in exc.errors())) from None
-
-
-def _explain(error: dict) -> str:
-    name = str(error["loc"][0]) if error["loc"] else ""
-    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
-    allowed = error["msg"].removeprefix("Input should be ")
-    return f"{flag} {error.get('input')}: must be {allowed} (generate.{name} in a recipe)"
 
 
 def stream_options(window: int | None, sinks: int | None) -> dict:
