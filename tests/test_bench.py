@@ -15,7 +15,7 @@ from tfx.bench.generate import decode_once
 from tfx.bench.train import step_flops
 from tfx.cli.bench import show_rows
 from tfx.decoding.generate import generate_ids
-from tfx.models import build_model
+from tfx.families import build_model
 
 RECIPE = str(REPO / "recipes/lm/shakespeare-char.toml")
 
