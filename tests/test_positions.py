@@ -101,14 +101,47 @@ def test_da_starts_as_plain_relu_attention():
     assert torch.equal(spec.score_scale, torch.ones(1, 2, 3, 3))
 
 
+def raffel_bucket(n: int, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128) -> int:
+    """T5's bucket of n = query - key, written out from Raffel et al. 2020 (mesh_tensorflow's
+    _relative_position_bucket): half the buckets per sign when bidirectional (keys after the
+    query in the upper half), exact below max_exact, then log-spaced up to max_distance."""
+    ret = 0
+    if bidirectional:
+        num_buckets //= 2
+        ret += num_buckets if n < 0 else 0
+        n = abs(n)
+    else:
+        n = max(n, 0)
+    max_exact = num_buckets // 2
+    if n < max_exact:
+        return ret + n
+    large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+    return ret + min(large, num_buckets - 1)
+
+
+T5_DISTANCES = [0, 1, 2, 7, 8, 9, 11, 12, 15, 16, 20, 23, 24, 31, 32, 45, 46, 63, 64, 90, 91, 127, 128, 5000]
+# the same values, pinned (32 buckets, max_distance 128)
+T5_CAUSAL = [0, 1, 2, 7, 8, 9, 11, 12, 15, 16, 17, 18, 19, 21, 21, 23, 24, 26, 26, 29, 29, 31, 31, 31]
+T5_BOTH_PAST = [0, 1, 2, 7, 8, 8, 8, 9, 9, 10, 10, 11, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15, 15, 15]
+T5_BOTH_FUTURE = [0] + [16 + b for b in T5_BOTH_PAST[1:]]
+
+
 def test_t5_buckets_by_hand():
-    rel = torch.tensor([0, 1, 15, 16, 20, 127, 128, 5000])
+    rel = torch.tensor(T5_DISTANCES)
     causal = t5_buckets(rel, causal=True, buckets=32, max_distance=128).tolist()
-    assert causal[:4] == [0, 1, 15, 16] and causal[-2:] == [31, 31]
-    assert 16 < causal[4] < causal[5] <= 31
-    both = t5_buckets(torch.cat([rel, -rel[1:]]), causal=False, buckets=32, max_distance=128).tolist()
-    assert both[:3] == [0, 1, 9] and both[7] == 15           # 8 exact buckets, then log-spaced to 15
-    assert both[8] == 17 and both[-1] == 31                     # negative distances: 16 + bucket
+    assert causal == T5_CAUSAL == [raffel_bucket(n, bidirectional=False) for n in T5_DISTANCES]
+    assert t5_buckets(-rel, causal=True, buckets=32, max_distance=128).tolist() == [0] * len(T5_DISTANCES)
+    past = t5_buckets(rel, causal=False, buckets=32, max_distance=128).tolist()
+    future = t5_buckets(-rel, causal=False, buckets=32, max_distance=128).tolist()
+    assert past == T5_BOTH_PAST == [raffel_bucket(n, bidirectional=True) for n in T5_DISTANCES]
+    assert future == T5_BOTH_FUTURE == [raffel_bucket(-n, bidirectional=True) for n in T5_DISTANCES]
+    # every distance up to 300, both directions, another bucket count
+    every = torch.arange(-300, 301)
+    for buckets, max_distance in ((32, 128), (8, 16)):
+        for causal in (True, False):
+            got = t5_buckets(every, causal=causal, buckets=buckets, max_distance=max_distance).tolist()
+            assert got == [raffel_bucket(n, bidirectional=not causal, num_buckets=buckets, max_distance=max_distance)
+                           for n in every.tolist()], (buckets, causal)
 
 
 def test_t5_bias_is_one_scalar_per_head_and_bucket_shared_by_layers():
