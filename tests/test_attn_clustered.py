@@ -1,8 +1,11 @@
 """The clustering kernels (Reformer LSH, Routing Transformer) against the float64 oracle.
 
 Both reduce to dense attention (under their own q/k convention) with a single bucket / cluster
-covering the sequence; with several, the oracle is given the pattern the kernel's own hashing or
-routing produces, so the chunk windows, duplicate counting and scatter-back are checked too.
+covering the sequence; with several, the oracle is given the pattern of the papers' hashing or
+routing, computed here from the kernel's random rotations / centroids (angular LSH, Kitaev et al.
+2020: bucket = argmax([xR; -xR]); balanced routing, Roy et al. 2021: each cluster takes the w
+queries and the w keys nearest its centroid), so the chunk windows, duplicate counting and
+scatter-back are checked too, and the hashing and routing themselves against their definitions.
 """
 from __future__ import annotations
 
@@ -90,11 +93,29 @@ def test_lsh_one_bucket_is_dense_shared_qk(case, n_hashes):
     torch.testing.assert_close(got, lsh_oracle(q, v, spec), rtol=1e-10, atol=1e-10)
 
 
+def lsh_hash_by_hand(kernel, x) -> torch.Tensor:
+    """Angular LSH (Kitaev et al. 2020, section 2) token by token: project the unit vector on the
+    kernel's random rotation R (D, n_buckets/2) of its head and round, bucket = argmax([xR; -xR])."""
+    B, H, T, D = x.shape
+    n = kernel.n_buckets(T)
+    rot = kernel.rotations(H, D, n, x.device, x.dtype)  # (H, D, R, n/2): the kernel's random rotations
+    unit = F.normalize(x, dim=-1)
+    out = torch.zeros(B, H, kernel.cfg.n_hashes, T, dtype=torch.long)
+    for b in range(B):
+        for h in range(H):
+            for r in range(kernel.cfg.n_hashes):
+                for t in range(T):
+                    proj = [float(unit[b, h, t] @ rot[h, :, r, i]) for i in range(n // 2)]
+                    both = proj + [-p for p in proj]
+                    out[b, h, r, t] = max(range(n), key=both.__getitem__)
+    return out
+
+
 def lsh_union(kernel, q) -> torch.Tensor:
-    """(B, H, T, T) pairs in a common window of some round, from the kernel's own hashes."""
+    """(B, H, T, T) pairs in a common window of some round, from hashes computed by hand."""
     B, H, T, D = q.shape
     c = min(kernel.cfg.chunk, T)
-    buckets = kernel.buckets(F.normalize(q, dim=-1), kernel.n_buckets(T))  # (B, H, R, T)
+    buckets = lsh_hash_by_hand(kernel, q)  # (B, H, R, T)
     union = torch.zeros(B, H, T, T, dtype=torch.bool)
     for r in range(buckets.shape[2]):
         order = (buckets[:, :, r] * T + torch.arange(T)).argsort(-1)
@@ -114,6 +135,22 @@ def test_lsh_equals_oracle_on_union_of_windows(case, params):
     union = lsh_union(kernel, q)
     assert not union.all() and union.any(dim=-1).all()
     torch.testing.assert_close(kernel(q, k, v, spec), lsh_oracle(q, v, spec, union), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_buckets, n_hashes", [(4, 3), (8, 2), (2, 1)])
+def test_lsh_hash_is_argmax_of_the_random_rotation_and_its_negation(n_buckets, n_hashes):
+    q, _, _, _ = inputs(T=16)
+    kernel = make("lsh", n_buckets=n_buckets, n_hashes=n_hashes, chunk=4)
+    unit = F.normalize(q, dim=-1)
+    got = kernel.buckets(unit, n_buckets)
+    assert torch.equal(got, lsh_hash_by_hand(kernel, q))
+    assert len(got.unique()) == n_buckets  # every bucket is used: the hash is not degenerate
+    # the definition's consequences: -x lands in the opposite bucket, and the scale does not matter
+    assert torch.equal(kernel.buckets(-unit, n_buckets), (got + n_buckets // 2) % n_buckets)
+    assert torch.equal(kernel.buckets(F.normalize(3.7 * q, dim=-1), n_buckets), got)
+    rot = kernel.rotations(2, 8, n_buckets, q.device, q.dtype)
+    assert rot.shape == (2, 8, n_hashes, n_buckets // 2) and kernel.rotations(2, 8, n_buckets, q.device, q.dtype) is rot
+    assert rot.std() > 0.5  # Gaussian entries (a random rotation up to scale), fixed in eval
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -159,6 +196,25 @@ def test_lsh_config_and_auto_buckets():
 # ---------------------------------------------------------------- routing
 
 
+def route_by_hand(kernel, x, valid=None) -> torch.Tensor:
+    """Balanced routing (Roy et al. 2021, section 4.1) token by token: cluster c takes the w tokens
+    with the highest cosine to its centroid mu_c (kernel.centroids), w = ceil(T / C) unless set;
+    padding tokens only when nothing else is left. Returns (B, H, C, w) token indices, sorted."""
+    B, H, T, D = x.shape
+    mu = kernel.centroids
+    C, w = mu.shape[1], kernel.cfg.window or math.ceil(T / mu.shape[1])
+    w = min(w, T)
+    out = torch.zeros(B, H, C, w, dtype=torch.long)
+    for b in range(B):
+        for h in range(H):
+            for c in range(C):
+                cos = [float(F.cosine_similarity(x[b, h, t], mu[h, c], dim=0)) for t in range(T)]
+                real = lambda t: valid is None or bool(valid[b, t])  # noqa: E731
+                ranked = sorted(range(T), key=lambda t: (not real(t), -cos[t]))
+                out[b, h, c] = torch.tensor(sorted(ranked[:w]))
+    return out
+
+
 def routing_oracle(kernel, q, k, v, spec):
     """Routing under its convention (q, k scaled to norm sqrt(D)): query i gets the softmax over
     the keys of every cluster that picked it, a key counted once per such cluster (bias log n)."""
@@ -166,7 +222,7 @@ def routing_oracle(kernel, q, k, v, spec):
     rep = H // k.shape[1]
     qn = F.normalize(q, dim=-1)
     kn = F.normalize(k.repeat_interleave(rep, 1), dim=-1)
-    qi, kj = kernel.route(qn, kn, spec.key_padding_mask)  # (B, H, C, w)
+    qi, kj = route_by_hand(kernel, qn, spec.key_padding_mask), route_by_hand(kernel, kn, spec.key_padding_mask)
     C = qi.shape[2]
     in_q = torch.zeros(B, H, C, T).scatter_(-1, qi, 1.0)
     in_k = torch.zeros(B, H, C, T).scatter_(-1, kj, 1.0)
@@ -198,6 +254,21 @@ def test_routing_equals_oracle_with_several_clusters(case):
     q, k, v, spec = inputs(T=16, **CASES[case])
     kernel = make("routing", n_clusters=4, window=5)
     torch.testing.assert_close(kernel(q, k, v, spec), routing_oracle(kernel, q, k, v, spec), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["bidirectional", "padding"])
+@pytest.mark.parametrize("n_clusters, window", [(4, 0), (3, 5)])
+def test_routing_takes_the_nearest_w_tokens_of_each_centroid(case, n_clusters, window):
+    q, k, _, spec = inputs(T=13, **CASES[case])
+    kernel = make("routing", n_clusters=n_clusters, window=window)
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    qi, kj = kernel.route(qn, kn, spec.key_padding_mask)
+    w = window or math.ceil(13 / n_clusters)
+    assert qi.shape == kj.shape == (2, 2, n_clusters, w)  # balanced: every cluster takes exactly w
+    assert torch.equal(qi.sort(-1).values, route_by_hand(kernel, q, spec.key_padding_mask))
+    assert torch.equal(kj.sort(-1).values, route_by_hand(kernel, k, spec.key_padding_mask))
+    if case == "padding":  # 9 real tokens in row 1: no cluster of w <= 9 picks a padding token
+        assert (qi[1] < 9).all() and (kj[1] < 9).all()
 
 
 def test_routing_centroids_move_toward_data_in_training_only():
