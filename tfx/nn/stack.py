@@ -39,6 +39,8 @@ class TransformerStack(nn.Module):
         n_layers = n_layers or cfg.n_layers
         memory = getattr(cfg, "memory", None)
         recurrent = memory is not None and memory.kind != "none" and causal and not cross
+        # The memory kind's module is built first and named `recurrence`: the parameter order (so the
+        # random init and the optimizer's state) and the state_dict keys of saved runs depend on it.
         self.recurrence = MEMORY.build(memory if recurrent else MEMORY.config_model("none")(), d_model=cfg.d_model,
                                        n_layers=n_layers, n_heads=cfg.n_heads, context=cfg.context)
         self.mem_len = self.recurrence.mem_len
