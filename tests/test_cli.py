@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -153,15 +154,26 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, env):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "tfx", "train", RECIPE, *args, "--out", str(killed)],
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(losses(killed) if (killed / "metrics.jsonl").exists() else {}) < 15:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, proc.kill)  # a hung child fails the test instead of hanging it
+    watchdog.start()
+    reported = []
+    try:
+        for line in proc.stderr:  # train.log_every=1: one progress line per step, "step N/40 | ..."
+            if line.startswith("step "):
+                reported.append(int(line.split()[1].split("/")[0]))
+                if reported[-1] == 15:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        watchdog.cancel()
+        proc.wait()
+        proc.stderr.close()
+    assert reported[:15] == list(range(1, 16)) and proc.returncode == -signal.SIGKILL
     done = losses(killed)
     assert 15 <= max(done) < 40, "the kill must land mid-run"
-    run_tfx("train", "--resume", str(killed), env=env, check=True)
+    resumed = run_tfx("train", "--resume", str(killed), env=env, check=True)
+    assert "resumed from step" in resumed.stderr
     assert losses(killed) == losses(straight)
 
 
