@@ -54,6 +54,71 @@ def test_translate_stdin_and_bleu_equals_sacrebleu_cli(mt_run, data_env, tmp_pat
     assert result["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
 
 
+# references and hypotheses with real overlap (exact lines, substitutions, drops, reordering):
+# corpus BLEU ~50, far from 0, so that misalignment or another BLEU shows
+REFS = ["In the beginning God created the heaven and the earth.",
+        "And the earth was without form, and void; and darkness was upon the face of the deep.",
+        "And God said, Let there be light: and there was light.",
+        "And God saw the light, that it was good: and God divided the light from the darkness.",
+        "And God called the light Day, and the darkness he called Night.",
+        "And the evening and the morning were the first day.",
+        "And God said, Let there be a firmament in the midst of the waters.",
+        "And God made the firmament, and divided the waters which were under the firmament."]
+HYPS = ["In the beginning God created the heaven and the earth.",
+        "And the earth was empty and void, and darkness was on the face of the deep.",
+        "Then God said, Let there be light: and there was light.",
+        "God saw the light, that it was good, and divided the light from the darkness.",
+        "And God called the light Day, and the darkness Night.",
+        "The evening and the morning were the first day.",
+        "And God said, Let a firmament be in the middle of the waters.",
+        "And God made the firmament and divided the waters under the firmament."]
+
+
+def sacrebleu_cli(ref, hyp, metric: str) -> float:
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", metric, "-b", "-w", "4"],
+                         capture_output=True, text=True, check=True)
+    return float(cli.stdout.strip())
+
+
+def test_bleu_and_chrf_equal_the_sacrebleu_cli_on_overlapping_files(tmp_path):
+    from tfx.tasks.seq2seq import bleu_chrf
+
+    ref, hyp, shifted = tmp_path / "ref.en", tmp_path / "hyp.en", tmp_path / "shifted.en"
+    ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    hyp.write_text("\n".join(HYPS) + "\n", encoding="utf-8")
+    shifted.write_text("\n".join(HYPS[1:] + HYPS[:1]) + "\n", encoding="utf-8")  # one line off
+    ours = bleu_chrf(hyp.read_text(encoding="utf-8").splitlines(), ref.read_text(encoding="utf-8").splitlines())
+    bleu, chrf = sacrebleu_cli(ref, hyp, "bleu"), sacrebleu_cli(ref, hyp, "chrf")
+    assert 30 < bleu < 90 and 50 < chrf < 95  # real overlap, not a perfect copy
+    assert ours["bleu"] == pytest.approx(bleu, abs=5e-5) and ours["chrf"] == pytest.approx(chrf, abs=5e-5)
+    off = sacrebleu_cli(ref, shifted, "bleu")
+    assert bleu - off > 20  # misaligned lines change the score: the comparison above can tell
+    assert abs(bleu_chrf(HYPS[1:] + HYPS[:1], REFS)["bleu"] - off) < 5e-5
+    # and not sentence BLEU averaged over lines (a different number on these files)
+    from sacrebleu.metrics import BLEU
+
+    mean_sentence = sum(BLEU(effective_order=True).sentence_score(h, [r]).score for h, r in zip(HYPS, REFS)) / 8
+    assert abs(mean_sentence - bleu) > 0.5
+
+
+def test_eval_scores_its_hypotheses_line_by_line_against_the_reference_file(mt_run, tmp_path, monkeypatch):
+    """`tfx eval --data` pairs the i-th hypothesis with the i-th reference line: with the model's
+    translations replaced by HYPS, its BLEU is the sacrebleu CLI's on the written --hyp-out file."""
+    from tfx.tasks.seq2seq import Seq2SeqTask
+
+    monkeypatch.setattr(Seq2SeqTask, "translate", lambda self, model, tok, lines, **kw: iter(HYPS[:len(list(lines))]))
+    (tmp_path / "sub.de").write_text("\n".join(f"Satz {i}" for i in range(8)) + "\n", encoding="utf-8")
+    (tmp_path / "sub.en").write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    hyp = tmp_path / "hyp.en"
+    proc = tfx_in_process("eval", str(mt_run), "--data", str(tmp_path / "sub"), "--hyp-out", str(hyp), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert hyp.read_text(encoding="utf-8").splitlines() == HYPS
+    assert result["bleu"] == pytest.approx(sacrebleu_cli(tmp_path / "sub.en", hyp, "bleu"), abs=5e-5)
+    assert result["chrf"] == pytest.approx(sacrebleu_cli(tmp_path / "sub.en", hyp, "chrf"), abs=5e-5)
+    assert result["bleu"] > 30
+
+
 def test_nbest_and_misaligned_files(mt_run, tmp_path):
     out = run_tfx("generate", str(mt_run), "Im Anfang war das Wort", "--beam", "3", "--nbest", "2",
                   check=True).stdout
