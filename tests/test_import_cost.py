@@ -1,4 +1,4 @@
-"""What a training process pays before its first step: no torch._dynamo (~1.2-2.3 s on a CPU) through
+"""What a training process pays before its first step: no torch._dynamo (~2 s on 2 CPU cores) through
 the optimizer, and tfx's AdamW gives torch.optim.AdamW's numbers to the bit."""
 from __future__ import annotations
 
