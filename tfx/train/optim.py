@@ -93,10 +93,11 @@ _TORCH_STEP, _RAW_STEP = _torch_step()
 class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW, the same arithmetic, kernels and state_dict, without importing torch._dynamo
     (~2 s wall, ~1 s CPU, of every training process on 2 EPYC cores). torch wraps `step` in
-    `_use_grad_for_differentiable` and `add_param_group`, `zero_grad`, `state_dict`, `load_state_dict` in `torch._disable_dynamo`; both
-    import torch._dynamo on their first call, to mark graph breaks or turn dynamo off while it traces.
-    Nothing traces before torch._dynamo is imported (torch.compile imports it), so until then these
-    methods call the functions beneath the wrappers; from then on, torch's own wrappers."""
+    `_use_grad_for_differentiable`, and `add_param_group`, `zero_grad`, `state_dict` and
+    `load_state_dict` in `torch._disable_dynamo`; both import torch._dynamo on their first call, to mark
+    graph breaks or turn dynamo off while it traces. Nothing traces before torch._dynamo is imported
+    (torch.compile imports it), so until then these methods call the functions beneath the wrappers;
+    from then on, torch's own wrappers."""
 
     add_param_group = _without_dynamo("add_param_group")
     zero_grad = _without_dynamo("zero_grad")
