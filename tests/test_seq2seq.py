@@ -58,10 +58,14 @@ def test_greedy_is_not_beam_here_and_max_length_forces_eos():
     assert hyp.score == pytest.approx(math.log(0.6 * 0.4 * 0.4 * 0.3), abs=1e-6)
 
 
+def tiny_recipe(**model):
+    return validate({"family": "seq2seq", "data": {"train": "x"}, "train": {"label_smoothing": 0.1},
+                     "model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "context": 24, "encoder_layers": 2,
+                               "decoder_layers": 2, "position": {"kind": "sinusoidal"}, **model}})
+
+
 def tiny(**model):
-    recipe = validate({"family": "seq2seq", "data": {"train": "x"}, "train": {"label_smoothing": 0.1},
-                       "model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "context": 24, "encoder_layers": 2,
-                                 "decoder_layers": 2, "position": {"kind": "sinusoidal"}, **model}})
+    recipe = tiny_recipe(**model)
     torch.manual_seed(0)
     return build_model(recipe, vocab_size=13).double().eval()
 
@@ -89,8 +93,33 @@ def test_padding_changes_no_output_for_real_tokens(position):
     torch.testing.assert_close(out_padded[:, :3], out, rtol=1e-10, atol=1e-10)
 
 
-def test_decoder_cache_parity_and_cross_kv_computed_once():
-    model = tiny(position={"kind": "rope"})
+def decoder_positions() -> list[str]:
+    """Every position scheme in the registry that the recipe check accepts for this seq2seq model."""
+    from tfx.config import import_kinds
+    from tfx.errors import UsageError
+    from tfx.registry import POSITION
+
+    import_kinds()
+    accepted = []
+    for kind in POSITION.names():
+        try:
+            tiny_recipe(position={"kind": kind})
+        except UsageError as exc:  # refused by tfx.kinds.problems
+            assert "impossible combination" in str(exc)
+            continue
+        accepted.append(kind)
+    return accepted
+
+
+def test_the_decoder_accepts_every_position_scheme_with_dense_attention():
+    from tfx.registry import POSITION
+
+    assert decoder_positions() == POSITION.names()  # so the parity test below covers them all
+
+
+@pytest.mark.parametrize("position", decoder_positions())
+def test_decoder_cache_parity_and_cross_kv_computed_once(position):
+    model = tiny(position={"kind": position})
     src, mask = batch_of(SOURCES)
     tgt = torch.randint(3, 13, (4, 9), generator=torch.Generator().manual_seed(0))
     mem = model.encode(src, mask)
