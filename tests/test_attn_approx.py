@@ -330,7 +330,7 @@ def test_capabilities_and_configs():
 def test_model_generation_with_recurrent_state(kind):
     """A whole LM (rope, GQA): prefill + steps through the stack's state equal one full forward."""
     from tfx.config import validate
-    from tfx.models import build_model
+    from tfx.families import build_model
     cfg = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 16,
            "position": {"kind": "rope"}, "attention": {"kind": kind, "chunk": 4}}
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, TINY
 from tfx import config as C
-from tfx.models import build_model
+from tfx.families import build_model
 from tfx.registry import OPTIMIZER
 from tfx.train.loop import TrainStep
 

@@ -7,7 +7,7 @@ import torch
 from tfx.config import validate
 from tfx.decoding.generate import generate_ids
 from tfx.decoding.sample import process_logits, sample
-from tfx.models import build_model
+from tfx.families import build_model
 
 
 def test_top_k_and_top_p_filters():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tfx.config import validate
-from tfx.models import build_model
+from tfx.families import build_model
 from tfx.models.encoder import mask_tokens
 from tfx.models.lm import IGNORE
 

@@ -7,7 +7,7 @@ import torch
 
 from tfx.config import import_kinds, validate
 from tfx.errors import UsageError
-from tfx.models import build_model
+from tfx.families import build_model
 
 import_kinds()
 V = 17

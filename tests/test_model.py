@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tfx.config import import_kinds, validate
-from tfx.models import build_model
+from tfx.families import build_model
 from tfx.registry import POSITION
 
 import_kinds()

@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO, TINY
 from tfx.config import load_recipe
-from tfx.models import build_model
+from tfx.families import build_model
 from tfx.registry import OPTIMIZER
 from tfx.train.optim import param_groups
 

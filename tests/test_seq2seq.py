@@ -8,7 +8,7 @@ import torch
 
 from tfx.config import validate
 from tfx.decoding.beam import beam_search, greedy
-from tfx.models import build_model
+from tfx.families import build_model
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 

@@ -63,7 +63,7 @@ def test_span_learns_and_its_penalty_joins_the_loss():
 
 def test_spans_are_reported_per_layer_and_head():
     from tfx.config import validate
-    from tfx.models import build_model
+    from tfx.families import build_model
     from tfx.run import learned_spans
 
     recipe = validate({"data": {"train": "x.txt"}, "model": {

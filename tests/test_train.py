@@ -10,7 +10,7 @@ import torch
 from tfx.config import validate
 from tfx.data.batching import DataPosition
 from tfx.errors import RunError
-from tfx.models import build_model
+from tfx.families import build_model
 from tfx.train import checkpoint as ckpt
 from tfx.train.loop import train_loop
 

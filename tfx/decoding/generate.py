@@ -4,7 +4,7 @@ When the cache reaches the model's context, the last half of the text is prefill
 positions from zero (a sliding window), so any length can be generated with any position scheme.
 
 `adjust_logprobs`, when given, maps the last position's (1, V) log-probs to new ones before
-sampling (e.g. tfx.memory.knn.KNNAdjuster interpolates a kNN-LM distribution).
+sampling (e.g. tfx.knn.scoring.KNNAdjuster interpolates a kNN-LM distribution).
 """
 from __future__ import annotations
 
