@@ -7,7 +7,7 @@ import torch
 
 from tfx.config import import_kinds, validate
 from tfx.models import build_model
-from tfx.nn.memorizing import knn_attention
+from tfx.nn.memory.memorizing import MemorizingState, knn_attention
 from tfx.nn.state import StackState
 
 import_kinds()
