@@ -76,3 +76,9 @@ def test_relative_schemes_are_those_that_declare_it():
     with pytest.raises(Exception, match=r"needs relative positions \(.*rope.*\)"):
         validate({"data": {"train": "x.txt"}, "model": {"position": {"kind": "learned"},
                                                          "memory": {"kind": "xl", "mem_len": 4}}})
+
+
+def test_every_registered_memory_kind_is_covered_here():
+    from tfx.registry import MEMORY
+
+    assert set(KINDS) == set(MEMORY.names()) - {"none"}, "a new memory kind: add its settings to KINDS"
