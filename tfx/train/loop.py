@@ -135,120 +135,149 @@ class TrainStep:
         return {k: v.to(self.device) for k, v in batch.items()}
 
 
+class Trainer:
+    """One training run's moving parts: the optimizer and schedule, the step, data position and
+    best score, the segment memories carried between steps (one per micro-batch), metrics.jsonl
+    and the checkpoints. `train_loop` drives it."""
+
+    def __init__(self, *, cfg, model, validate: Callable | None, run_dir: Path, log: Callable[[str], None]):
+        self.cfg, self.model, self.validator, self.run_dir, self.log = cfg, model, validate, run_dir, log
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.device = select_device(cfg.device)
+        self.autocast = autocast_for(self.device, cfg.precision)
+        model.to(self.device)
+        self.optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
+        self.lr_at = SCHEDULE.build(cfg.schedule, lr=cfg.optimizer.lr, steps=cfg.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.step, self.position, self.best, self.last_saved = 0, DataPosition(), math.inf, 0
+        self.states: list = [None] * cfg.grad_accum  # per micro-batch: a segment memory between steps, else None
+        self.metrics_file = None
+
+    def restore(self) -> None:
+        """Continue from the run's latest checkpoint: weights, optimizer, RNG, data position, memories."""
+        trainer, extra = ckpt.load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer)
+        self.step, self.position, self.best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
+        if trainer.get("best_metric", "loss") != self.cfg.best_metric:
+            self.best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
+        torch.set_rng_state(extra["rng_cpu"])
+        for j, saved in enumerate(extra.get("memory") or []):
+            if saved and j < len(self.states):  # the memory kind's State.save(), or an old run's list
+                self.states[j] = self.model.restore_memory(saved, self.device)
+        if self.device.type == "cuda" and "rng_cuda" in extra:
+            torch.cuda.set_rng_state(extra["rng_cuda"])
+        trim_metrics(self.metrics_path, self.step)
+        self.last_saved = self.step
+        self.log(f"resumed from step {self.step}")
+
+    def write(self, record: dict) -> None:
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        extra = {"rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            extra["rng_cuda"] = torch.cuda.get_rng_state()
+        saved = [s.memory.save() if s is not None and s.memory is not None else None for s in self.states]
+        if any(saved):  # so a resume continues the segment memory
+            extra["memory"] = saved
+        trainer = {"step": self.step, "data": asdict(self.position), "best": self.best,
+                   "best_metric": self.cfg.best_metric}
+        ckpt.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, trainer=trainer, extra=extra,
+                             keep=self.cfg.keep_checkpoints)
+        self.last_saved = self.step
+
+    def validate(self) -> dict:
+        """Validation metrics, logged; best.safetensors follows train.best_metric."""
+        metric = self.cfg.best_metric
+        result = {k: v for k, v in self.validator(self.model).items() if isinstance(v, (int, float, str))}
+        self.write({"step": self.step, "split": "valid", **result})
+        self.log(f"step {self.step} | valid "
+                 + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        score = -result[metric] if metric in HIGHER_IS_BETTER else result[metric]
+        if score < self.best and self.rank == 0:  # `best` is kept as a number to lower, whatever the metric
+            self.best = score
+            ckpt.save_weights(self.model, self.run_dir / "best.safetensors")
+        return result
+
+    def checked_mean(self, loss_sum: torch.Tensor, tokens: int) -> float:
+        mean = float(loss_sum) / tokens  # the one host sync, when logging or saving
+        if not math.isfinite(mean):
+            raise RunError(f"the loss became {mean} by step {self.step}; stopped without saving. The last good "
+                           f"checkpoint (step {self.last_saved}) is kept: lower train.optimizer.lr or raise "
+                           f"train.clip, then resume")
+        return mean
+
+    def run(self, batches: Callable[[DataPosition], Iterator]) -> dict:
+        """Train from the current step to cfg.steps (or max_minutes, or a signal); the last logged metrics."""
+        cfg, optimizer = self.cfg, self.optimizer
+        stepper = TrainStep(self.model, optimizer, cfg=cfg, autocast=self.autocast, scaler=self.scaler,
+                            device=self.device)
+        it = batches(self.position)
+        self.model.train()
+        window_loss = torch.zeros((), device=self.device)
+        window_tokens, window_seen, window_start, last = 0, 0, time.perf_counter(), {}
+        deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        with StopFlag() as stop, Progress(total=cfg.steps, start=self.step, log=self.log) as progress:
+            while self.step < cfg.steps:
+                lr = self.lr_at(self.step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    batch, self.position = next(it)
+                    micro.append(batch)
+                loss_sum, n_tokens, seen = stepper(micro, self.states)
+                window_loss += loss_sum
+                self.step += 1
+                window_tokens += n_tokens
+                window_seen += seen
+                step = self.step
+                due = lambda every: every and step % every == 0  # noqa: E731
+                timed_out = time.perf_counter() >= deadline
+                final = step == cfg.steps or timed_out
+                saving = due(cfg.save_every) or final or stop.signal
+                if due(cfg.log_every) or saving:
+                    mean = self.checked_mean(window_loss, window_tokens)
+                    elapsed = time.perf_counter() - window_start
+                    last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen * self.world / elapsed}
+                    self.write(last)
+                    progress.update(step, loss=mean, lr=lr, tokens_per_s=last["tokens_per_s"])
+                    window_loss.zero_()
+                    window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
+                if self.validator and (due(cfg.eval_every) or final):
+                    self.validate()
+                    window_start = time.perf_counter()  # validation time is not training throughput
+                if saving:
+                    self.save()
+                if timed_out and step < cfg.steps:
+                    self.log(f"train.max_minutes ({cfg.max_minutes:g}) reached at step {step}; saved")
+                    break
+                if stop.signal:
+                    name = signal.Signals(stop.signal).name
+                    self.log(f"{name}: saved step {step}; continue with: tfx train --resume {self.run_dir}")
+                    break
+        return last
+
+
 def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], validate: Callable | None,
                run_dir: Path, resume: bool, log: Callable[[str], None]) -> dict:
     """Train `model` for cfg.steps optimizer steps; returns the last logged metrics."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = select_device(cfg.device)
-    autocast = autocast_for(device, cfg.precision)
-    model.to(device)
-    optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
-    lr_at = SCHEDULE.build(cfg.schedule, lr=cfg.optimizer.lr, steps=cfg.steps)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    metrics_path = run_dir / "metrics.jsonl"
-    step, position, best = 0, DataPosition(), math.inf
-    states: list = [None] * cfg.grad_accum  # per micro-batch: an XL memory between steps, else None
+    trainer = Trainer(cfg=cfg, model=model, validate=validate, run_dir=run_dir, log=log)
     if resume:
-        trainer, extra = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
-        step, position, best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
-        if trainer.get("best_metric", "loss") != cfg.best_metric:
-            best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
-        torch.set_rng_state(extra["rng_cpu"])
-        for j, saved in enumerate(extra.get("memory") or []):
-            if saved and j < len(states):  # the memory kind's State.save(), or an old run's list
-                states[j] = model.restore_memory(saved, device)
-        if device.type == "cuda" and "rng_cuda" in extra:
-            torch.cuda.set_rng_state(extra["rng_cuda"])
-        trim_metrics(metrics_path, step)
-        log(f"resumed from step {step}")
+        trainer.restore()
     else:
-        torch.manual_seed(cfg.seed + rank)
-    if step >= cfg.steps:
-        log(f"nothing to do: the run is at step {step} of {cfg.steps} (raise train.steps with --set)")
+        torch.manual_seed(cfg.seed + trainer.rank)
+    if trainer.step >= cfg.steps:
+        log(f"nothing to do: the run is at step {trainer.step} of {cfg.steps} (raise train.steps with --set)")
         return {}
-
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
-    last_saved = step
-
-    def write(record: dict) -> None:
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    def save() -> None:
-        nonlocal last_saved
-        if rank != 0:
-            return
-        extra = {"rng_cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            extra["rng_cuda"] = torch.cuda.get_rng_state()
-        saved = [s.memory.save() if s is not None and s.memory is not None else None for s in states]
-        if any(saved):  # so a resume continues the segment memory
-            extra["memory"] = saved
-        trainer = {"step": step, "data": asdict(position), "best": best, "best_metric": cfg.best_metric}
-        ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, trainer=trainer, extra=extra,
-                             keep=cfg.keep_checkpoints)
-        last_saved = step
-
-    def run_validation() -> dict:
-        nonlocal best
-        result = {k: v for k, v in validate(model).items() if isinstance(v, (int, float, str))}
-        write({"step": step, "split": "valid", **result})
-        log(f"step {step} | valid " + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
-        score = -result[cfg.best_metric] if cfg.best_metric in HIGHER_IS_BETTER else result[cfg.best_metric]
-        if score < best and rank == 0:  # `best` is kept as a number to lower, whatever the metric
-            best = score
-            ckpt.save_weights(model, run_dir / "best.safetensors")
-        return result
-
-    stepper = TrainStep(model, optimizer, cfg=cfg, autocast=autocast, scaler=scaler, device=device)
-    it = batches(position)
-    model.train()
-    window_loss = torch.zeros((), device=device)
-    window_tokens, window_seen, window_start, last = 0, 0, time.perf_counter(), {}
-    deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    with StopFlag() as stop, Progress(total=cfg.steps, start=step, log=log) as progress:
-        while step < cfg.steps:
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = []
-            for _ in range(cfg.grad_accum):
-                batch, position = next(it)
-                micro.append(batch)
-            loss_sum, n_tokens, seen = stepper(micro, states)
-            window_loss += loss_sum
-            step += 1
-            window_tokens += n_tokens
-            window_seen += seen
-            due = lambda every: every and step % every == 0  # noqa: E731
-            timed_out = time.perf_counter() >= deadline
-            final = step == cfg.steps or timed_out
-            saving = due(cfg.save_every) or final or stop.signal
-            if due(cfg.log_every) or saving:
-                mean = float(window_loss) / window_tokens  # the one host sync, when logging or saving
-                if not math.isfinite(mean):
-                    raise RunError(f"the loss became {mean} by step {step}; stopped without saving. The last good "
-                                   f"checkpoint (step {last_saved}) is kept: lower train.optimizer.lr or raise "
-                                   f"train.clip, then resume")
-                elapsed = time.perf_counter() - window_start
-                last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen * world / elapsed}
-                write(last)
-                progress.update(step, loss=mean, lr=lr, tokens_per_s=last["tokens_per_s"])
-                window_loss.zero_()
-                window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
-            if validate and (due(cfg.eval_every) or final):
-                run_validation()
-                window_start = time.perf_counter()  # validation time is not training throughput
-            if saving:
-                save()
-            if timed_out and step < cfg.steps:
-                log(f"train.max_minutes ({cfg.max_minutes:g}) reached at step {step}; saved")
-                break
-            if stop.signal:
-                name = signal.Signals(stop.signal).name
-                log(f"{name}: saved step {step}; continue with: tfx train --resume {run_dir}")
-                break
-    if metrics_file:
-        metrics_file.close()
-    return last
+    if trainer.rank == 0:
+        trainer.metrics_file = open(trainer.metrics_path, "a", encoding="utf-8")
+    try:
+        return trainer.run(batches)
+    finally:
+        if trainer.metrics_file:
+            trainer.metrics_file.close()
