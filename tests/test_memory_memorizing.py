@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tfx.config import import_kinds, validate
-from tfx.models import build_model
+from tfx.families import build_model
 from tfx.nn.memory.memorizing import MemorizingState, knn_attention
 from tfx.nn.state import StackState
 
