@@ -156,3 +156,38 @@ def test_learned_is_a_table_lookup_added_to_the_embeddings():
     assert used.tolist() == [i in (0, 3, 7, 9) for i in range(10)]
     with pytest.raises(RunError, match="stop at the context"):
         pos.ensure(11)
+
+
+# --- none, and the meta-test ------------------------------------------------------------------
+
+def test_none_is_the_identity_everywhere():
+    pos = build("none")
+    x, q, k = (torch.randn(2, 1, 5, 8, dtype=torch.float64) for _ in range(3))
+    positions = torch.arange(5)
+    assert torch.equal(pos.embed(x[:, 0], positions), x[:, 0])
+    assert all(torch.equal(a, b) for a, b in zip(pos.rotate(q, k, positions, positions), (q, k)))
+    assert pos.bias(positions, positions) is None and pos.relative
+
+
+# Every registered scheme and the test that checks it against its definition (module: test name).
+DEFINITIONS = {
+    "none": "test_position_definitions:test_none_is_the_identity_everywhere",
+    "sinusoidal": "test_position_definitions:test_sinusoidal_is_the_papers_formula",
+    "rope": "test_position_definitions:test_rope_rotates_each_pair_by_its_position",
+    "alibi": "test_position_definitions:test_alibi_bias_is_minus_slope_times_distance",
+    "learned": "test_position_definitions:test_learned_is_a_table_lookup_added_to_the_embeddings",
+    "shaw": "test_positions:test_shaw_adds_clipped_relative_vectors_to_keys_and_values",
+    "xl": "test_positions:test_xl_scores_are_content_plus_relative_position_terms",
+    "da": "test_positions:test_da_rescales_relu_scores_by_a_learned_sigmoid_of_distance",
+    "t5": "test_positions:test_t5_buckets_by_hand",
+}
+
+
+def test_every_position_scheme_has_a_definition_test():
+    """A new scheme registered without a test against its definition fails here."""
+    import importlib
+
+    assert sorted(DEFINITIONS) == POSITION.names()
+    for kind, where in DEFINITIONS.items():
+        module, name = where.split(":")
+        assert callable(getattr(importlib.import_module(module), name, None)), f"{kind}: no {where}"
