@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,30 @@ def test_best_metric_must_be_reported_by_the_family():
         validate({"family": "seq2seq", "data": {"train": "x"}, "train": {"best_metric": "bleu"}})
     assert validate({"family": "seq2seq", "data": {"train": "x"},
                      "train": {"best_metric": "bleu", "eval_bleu": True}}).train.best_metric == "bleu"
+
+
+def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_it_again(tmp_path, small_text):
+    """--resume of a run with a recipe but no checkpoint trains it from step 0 (and says so); what the
+    dead run left (its metrics, a best.safetensors) does not leak into the new one."""
+    from conftest import tfx_in_process
+
+    args = ["recipes/lm/shakespeare-char.toml", "--set", f"data.train={small_text}", "--set", "data.corpus=''",
+            "--set", "model.n_layers=1", "--set", "model.context=32", "--set", "train.steps=4",
+            "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.threads=1"]
+    whole = tfx_in_process("train", *args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    for name in ("recipe.toml", "tokenizer"):  # what a run killed during its first steps has
+        src = tmp_path / "whole" / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dead / name)
+    (dead / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0, "lr": 0.0}\n{"step": 2, "lo')
+    (dead / "best.safetensors").write_bytes(b"stale")
+    again = tfx_in_process("train", "--resume", str(dead))
+    assert again.returncode == 0, again.stderr
+    assert "starting it again from step 0" in again.stderr
+    losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert losses(dead) == losses(tmp_path / "whole") and len(losses(dead)) == 4
+    assert (dead / "state" / "LATEST").is_file() and not (dead / "best.safetensors").exists()
+    nothing = tfx_in_process("train", "--resume", str(tmp_path / "nowhere"))
+    assert nothing.returncode == 2 and "no checkpoint there to resume from" in nothing.stderr

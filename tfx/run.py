@@ -16,7 +16,7 @@ from tfx import config as C
 from tfx.errors import RunError, UsageError
 from tfx.families import get_task, need_text_lm
 from tfx.rundir import load_run, weights_path  # noqa: F401  (re-exported: tfx.run.load_run)
-from tfx.rundir.files import RECIPE, SRC_TOKENIZER, TOKENIZER, atomic_write_text, sha256_file
+from tfx.rundir.files import BEST, METRICS, RECIPE, SRC_TOKENIZER, STATE, TOKENIZER, atomic_write_text, sha256_file
 from tfx.tasks.common import EvalOptions, GenerateSettings, log
 
 
@@ -46,9 +46,13 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
 
     if resume:
         run_dir = Path(resume)
-        if not (run_dir / "state" / "LATEST").is_file():
-            raise UsageError(f"--resume {run_dir}: no checkpoint there to resume from")
-        recipe = C.load_recipe(run_dir / RECIPE, overrides)
+        recipe = C.load_recipe(run_dir / RECIPE, overrides) if (run_dir / RECIPE).is_file() else None
+        if not (run_dir / STATE / "LATEST").is_file():
+            if recipe is None:
+                raise UsageError(f"--resume {run_dir}: no checkpoint there to resume from")
+            log(f"--resume {run_dir}: the run stopped before its first checkpoint; starting it again from "
+                f"step 0 with its saved recipe")
+            resume = None
     else:
         if recipe_path is None:
             raise UsageError("give a RECIPE to train, or --resume RUN")
@@ -65,6 +69,9 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot use {run_dir} as the run directory: {exc.strerror}") from None
+    if not resume:  # what a run that died before its first checkpoint left: not this run's
+        for stale in (METRICS, BEST):
+            (run_dir / stale).unlink(missing_ok=True)
     task = get_task(recipe, run_dir)
     tokenizer = load_tokenizer(run_dir / TOKENIZER) if resume else new_tokenizer(recipe, task, run_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
