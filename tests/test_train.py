@@ -168,3 +168,36 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_it_again(t
     assert (dead / "state" / "LATEST").is_file() and not (dead / "best.safetensors").exists()
     nothing = tfx_in_process("train", "--resume", str(tmp_path / "nowhere"))
     assert nothing.returncode == 2 and "no checkpoint there to resume from" in nothing.stderr
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16", "avx2"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                             ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")])
+def test_precision_auto_follows_the_cpus_native_bf16(monkeypatch, flags, expected):
+    from tfx.train import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set(flags))
+    chosen, why = precision.resolve_precision("auto", torch.device("cpu"))
+    assert chosen == expected and why.startswith("auto: ") and ("has" in why)
+    assert precision.resolve_precision("fp32", torch.device("cpu"))[0] == "fp32"  # an explicit choice stays
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: expected == "bf16")
+    assert precision.resolve_precision("auto", torch.device("cuda"))[0] == expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_training_with_precision_auto_equals_the_precision_it_picks(tmp_path, monkeypatch, native):
+    from tfx.train import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"} if native else {"avx2"})
+    runs = {}
+    for name in ("auto", "bf16" if native else "fp32"):
+        r = recipe(precision=name, batch_size=4)
+        torch.manual_seed(0)
+        model = build_model(r, vocab_size=V)
+        (tmp_path / name).mkdir()
+        messages = []
+        train_loop(cfg=r.train, model=model, batches=fixed_batches(4), validate=None, run_dir=tmp_path / name,
+                   resume=False, log=messages.append)
+        runs[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        if name == "auto":
+            assert any(m.startswith(f"train.precision = 'auto': {'bf16' if native else 'fp32'}") for m in messages)
+    assert runs["auto"] == runs["bf16" if native else "fp32"]

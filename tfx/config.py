@@ -120,7 +120,8 @@ class TrainConfig(Strict):
     eval_bleu: bool = False  # seq2seq: greedy BLEU on the validation split at each evaluation
     grad_accum: int = Field(1, gt=0)
     clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 where the device computes it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 1337
     eval_every: int = Field(250, ge=0)  # 0: only at the end

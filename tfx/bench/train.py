@@ -101,14 +101,16 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
     from tfx.families import build_model, get_task
     from tfx.registry import OPTIMIZER
     from tfx.run import new_tokenizer
-    from tfx.train.loop import TrainStep, autocast_for, select_device
+    from tfx.train.loop import TrainStep, select_device
+    from tfx.train.precision import autocast_for, resolve_precision
 
     recipe = C.load_recipe(recipe_path, overrides)
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)
-    autocast = autocast_for(device, cfg.precision)
+    precision, why = resolve_precision(cfg.precision, device)
+    autocast = autocast_for(device, precision)
     with tempfile.TemporaryDirectory(prefix="tfx-bench-") as scratch:
         run_dir = Path(scratch)
         task = get_task(recipe, run_dir)
@@ -117,7 +119,7 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
         torch.manual_seed(cfg.seed)
         model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir).to(device)
         optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
-        scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         stepper = TrainStep(model, optimizer, cfg=cfg, autocast=autocast, scaler=scaler, device=device)
         it = batches(DataPosition())
         states: list = [None] * cfg.grad_accum
@@ -127,7 +129,7 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
             return [next(it)[0] for _ in range(cfg.grad_accum)]
 
         log(f"bench train: {recipe.name} ({recipe.family}), "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters, {device.type} {cfg.precision}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, {device.type} {precision} ({why}), "
             f"{warmup} warm-up + {steps} timed steps")
         micro = next_micro()
         flops = step_flops(model, [stepper.to_device(b) for b in micro], autocast)
@@ -151,12 +153,13 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
                 log(f"bench train: step {i + 1}/{steps}, {1000 * statistics.median(step_s):.0f} ms/step")
         if profile:
             profile_steps(lambda: stepper(next_micro(), states), device, profile, log)
-        ceiling = matmul_ceiling(device, cfg.precision)
+        ceiling = matmul_ceiling(device, precision)
     elapsed = sum(step_s)
     tokens_per_s = tokens / elapsed
     flops_per_token = flops / flop_tokens
     return {
-        "recipe": recipe.name, "family": recipe.family, "device": device.type, "precision": cfg.precision,
+        "recipe": recipe.name, "family": recipe.family, "device": device.type, "precision": precision,
+        "precision_source": why,
         "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_per_step": tokens / steps, "tokens_per_s": tokens_per_s,

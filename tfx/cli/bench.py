@@ -137,7 +137,7 @@ def bench_generate_cmd(
     prompt_len: int = typer.Option(64, "--prompt-len", min=1, help="Prompt tokens per row."),
     new_tokens: int = typer.Option(256, "--new-tokens", min=2, help="Tokens generated per row (greedy)."),
     repeats: int = typer.Option(3, min=1, help="Timed generations (after one warm-up); medians are shown."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast) or fp16 (GPU)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast), fp16 (GPU) or auto (bf16 where native)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     checkpoint: str = typer.Option("best", help="best or last."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
@@ -150,8 +150,8 @@ def bench_generate_cmd(
     from tfx.bench.generate import bench_generate
 
     fmt = output_format(json_out, csv_out)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UsageError(f"--precision {precision!r}: expected fp32, bf16 or fp16")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision {precision!r}: expected auto, fp32, bf16 or fp16")
     row = bench_generate(str(run), batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                          precision=precision, device=device, checkpoint=checkpoint, log=err,
                          compile=compile)

@@ -6,7 +6,6 @@ the data side provides `batches(position)` (an endless iterator of (batch, next 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from tfx.errors import RunError
 from tfx.nn.attention.base import aux_losses
 from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.train import checkpoint as ckpt
+from tfx.train.precision import autocast_for, resolve_precision  # noqa: F401  (autocast_for: re-exported)
 from tfx.train.progress import Progress
 
 
@@ -37,15 +37,6 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("train.device = 'cuda' but no CUDA device is available")
     return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    if precision == "fp16" and device.type == "cpu":
-        raise RunError("train.precision = 'fp16' needs a GPU; use 'bf16' on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 class StopFlag:
@@ -148,7 +139,10 @@ class Trainer:
         model.to(self.device)
         self.optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
         self.lr_at = SCHEDULE.build(cfg.schedule, lr=cfg.optimizer.lr, steps=cfg.steps)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.precision, why = resolve_precision(cfg.precision, self.device)
+        if cfg.precision == "auto":
+            log(f"train.precision = 'auto': {self.precision} ({why.removeprefix('auto: ')})")
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.metrics_path = run_dir / "metrics.jsonl"
         self.step, self.position, self.best, self.last_saved = 0, DataPosition(), math.inf, 0
         self.states: list = [None] * cfg.grad_accum  # per micro-batch: a segment memory between steps, else None
