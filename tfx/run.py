@@ -5,7 +5,6 @@ directory's layout, writes and loading live in tfx/rundir/.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
@@ -18,6 +17,7 @@ from tfx.families import get_task, need_text_lm
 from tfx.rundir import load_run, weights_path  # noqa: F401  (re-exported: tfx.run.load_run)
 from tfx.rundir.files import BEST, METRICS, RECIPE, SRC_TOKENIZER, STATE, TOKENIZER, atomic_write_text, sha256_file
 from tfx.tasks.common import EvalOptions, GenerateSettings, log
+from tfx.train import distributed as dist
 
 
 def new_tokenizer(recipe, task, run_dir: Path):
@@ -39,10 +39,7 @@ def new_tokenizer(recipe, task, run_dir: Path):
 
 def train(recipe_path: str | None, *, overrides: list[str], out: str | None, resume: str | None) -> dict:
     """Train a new run from a recipe, or continue `resume` (a run directory) bit for bit."""
-    from tfx.config import recipe_dict, to_toml
-    from tfx.data.tokenizers import load_tokenizer
-    from tfx.families import build_model, init_encoder
-    from tfx.train.loop import autocast_for, select_device, train_loop
+    from tfx.train.loop import select_device
 
     if resume:
         run_dir = Path(resume)
@@ -65,21 +62,39 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
                              f"or pick another --out")
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot use {run_dir} as the run directory: {exc.strerror}") from None
-    if not resume:  # what a run that died before its first checkpoint left: not this run's
-        for stale in (METRICS, BEST):
-            (run_dir / stale).unlink(missing_ok=True)
+    dist.check_recipe(recipe, dist.world())
+    with dist.process_group(select_device(recipe.train.device).type):
+        return _train(recipe, run_dir, resume)
+
+
+def _train(recipe, run_dir: Path, resume: str | None) -> dict:
+    """`train` once the run directory is chosen (and, under torchrun, the process group is up).
+    Rank 0 writes the run's files (tokenizer, labels, recipe) while the other ranks wait, then
+    read its tokenizer; every rank builds the same global batches (rank=0, world=1 below) and the
+    training step takes its rows of each (tfx.train.distributed.shard)."""
+    from tfx.config import recipe_dict, to_toml
+    from tfx.data.tokenizers import load_tokenizer
+    from tfx.families import build_model, init_encoder
+    from tfx.train.loop import autocast_for, select_device, train_loop
+
+    first = dist.rank() == 0
     task = get_task(recipe, run_dir)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER) if resume else new_tokenizer(recipe, task, run_dir)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        batches, validate = task.prepare(tokenizer, rank=rank, world=world)
-    except ValueError as exc:  # data too small for a batch, and the like
-        raise RunError(str(exc)) from None
-    atomic_write_text(run_dir / RECIPE, to_toml(recipe_dict(recipe)))
+    if first:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot use {run_dir} as the run directory: {exc.strerror}") from None
+        if not resume:  # what a run that died before its first checkpoint left: not this run's
+            for stale in (METRICS, BEST):
+                (run_dir / stale).unlink(missing_ok=True)
+        tokenizer = load_tokenizer(run_dir / TOKENIZER) if resume else new_tokenizer(recipe, task, run_dir)
+        batches, validate = _prepare(task, tokenizer)  # a classifier writes its labels.json here
+        atomic_write_text(run_dir / RECIPE, to_toml(recipe_dict(recipe)))
+        dist.barrier()
+    else:
+        dist.barrier()  # rank 0's tokenizer and labels are on disk
+        tokenizer = load_tokenizer(run_dir / TOKENIZER)
+        batches, validate = _prepare(task, tokenizer)
     torch.manual_seed(recipe.train.seed)  # the initial weights are a function of the seed
     model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir)
     if recipe.init_from and not resume:
@@ -92,6 +107,13 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
         return train_loop(cfg=recipe.train, model=model, batches=batches, validate=validator, run_dir=run_dir,
                           resume=bool(resume), log=log)
     except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _prepare(task, tokenizer):
+    try:
+        return task.prepare(tokenizer, rank=0, world=1)  # the global batches, on every rank
+    except ValueError as exc:  # data too small for a batch, and the like
         raise RunError(str(exc)) from None
 
 

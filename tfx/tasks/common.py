@@ -1,6 +1,7 @@
 """Pieces every task uses: where a split's data is, logging, device placement of batches."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,9 @@ from tfx.errors import UsageError
 
 
 def log(msg: str) -> None:
+    """A progress message on stderr; under torchrun only rank 0's (the others stay quiet)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(msg, file=sys.stderr, flush=True)
 
 

@@ -6,9 +6,9 @@ the data side provides `batches(position)` (an endless iterator of (batch, next 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict
@@ -23,6 +23,7 @@ from tfx.errors import RunError
 from tfx.nn.attention.base import aux_losses
 from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.train import checkpoint as ckpt
+from tfx.train import distributed as dist
 from tfx.train.precision import autocast_for, resolve_precision  # noqa: F401  (autocast_for: re-exported)
 from tfx.train.progress import Progress
 
@@ -83,30 +84,36 @@ class TrainStep:
     training loop and `tfx bench train`. Takes the data pipeline's host batches: token counts are
     read there, before the (pinned, asynchronous) copy to the device, so the step never waits for
     the device. Returns the detached summed loss (plus a zero-weighted gradient norm, so a NaN/inf
-    gradient shows in it), the loss tokens and the input tokens."""
+    gradient shows in it), the loss tokens and the input tokens.
 
-    def __init__(self, model, optimizer, *, cfg, autocast, scaler=None, device=None):
+    With `ddp` (a DistributedDataParallel over `model.loss`, see tfx.train.distributed) the
+    micro-batches are the GLOBAL ones, the same on every rank: the token counts are theirs (so the
+    normalisation is by the global count, as one process would do it), and this rank trains on its
+    rows of each. DDP averages the gradients over the ranks, so the loss is scaled by the world size:
+    the synced gradient is then the sum over all ranks' tokens divided by the global count, the
+    one-process gradient of the same batch. The returned loss is this rank's part of the sum."""
+
+    def __init__(self, model, optimizer, *, cfg, autocast, scaler=None, device=None, ddp=None):
         self.model, self.optimizer, self.cfg, self.autocast, self.scaler = model, optimizer, cfg, autocast, scaler
         self.device = device or next(model.parameters()).device
         self.input_tokens = getattr(model, "input_tokens", None)  # throughput where the loss is not per token
-        self.loss = torch.compile(model.loss) if cfg.compile else model.loss
+        self.ddp, self.rank, self.world = ddp, (dist.rank() if ddp else 0), (dist.world() if ddp else 1)
+        call = ddp if ddp is not None else model.loss
+        self.loss = torch.compile(call) if cfg.compile else call
 
     def __call__(self, micro: list[dict], states: list) -> tuple[torch.Tensor, int, int]:
         model, optimizer, scaler, cfg = self.model, self.optimizer, self.scaler, self.cfg
         n_tokens = sum(model.count_tokens(b) for b in micro)
         seen = sum(self.input_tokens(b) for b in micro) if self.input_tokens else n_tokens
+        if self.ddp is not None:
+            micro = [dist.shard(b, self.rank, self.world) for b in micro]
         micro = [self.to_device(b) for b in micro]
         total = None
         for j, batch in enumerate(micro):
-            with self.autocast():
-                loss_sum, parts, states[j] = self.loss(batch, states[j])  # a segment memory carries on
-            loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
-            if (aux := aux_losses(model)) is not None:  # kernels' penalties (adaptive span)
-                loss = loss + aux / len(micro)
-            if (aux := parts.get("aux_loss")) is not None:  # the model's own (memory reconstruction)
-                loss = loss + aux / len(micro)
-            (scaler.scale(loss) if scaler else loss).backward()
-            total = loss_sum.detach() if total is None else total + loss_sum.detach()
+            # DDP: only the last micro-batch's backward all-reduces (the gradients accumulated before it)
+            sync = self.ddp.no_sync() if self.ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                total = self.micro_step(batch, states, j, n_tokens, len(micro), total)
         if scaler:
             scaler.unscale_(optimizer)
         if cfg.clip > 0:
@@ -119,6 +126,20 @@ class TrainStep:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total, n_tokens, seen
+
+    def micro_step(self, batch: dict, states: list, j: int, n_tokens: int, n_micro: int, total):
+        model, scaler = self.model, self.scaler
+        with self.autocast():
+            loss_sum, parts, states[j] = self.loss(batch, states[j])  # a segment memory carries on
+        loss = loss_sum / n_tokens  # per-token over the whole accumulated batch
+        if self.world > 1:
+            loss = loss * self.world  # DDP's mean over ranks becomes the sum over the global batch
+        if (aux := aux_losses(model)) is not None:  # kernels' penalties (adaptive span)
+            loss = loss + aux / n_micro
+        if (aux := parts.get("aux_loss")) is not None:  # the model's own (memory reconstruction)
+            loss = loss + aux / n_micro
+        (scaler.scale(loss) if scaler else loss).backward()
+        return loss_sum.detach() if total is None else total + loss_sum.detach()
 
     def to_device(self, batch: dict) -> dict:
         if self.device.type == "cuda":
@@ -133,11 +154,13 @@ class Trainer:
 
     def __init__(self, *, cfg, model, validate: Callable | None, run_dir: Path, log: Callable[[str], None]):
         self.cfg, self.model, self.validator, self.run_dir, self.log = cfg, model, validate, run_dir, log
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world = dist.rank(), dist.world()
         self.device = select_device(cfg.device)
         self.autocast = autocast_for(self.device, cfg.precision)
         model.to(self.device)
         self.optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
+        # world > 1: gradients all-reduced by DDP (the process group is tfx.train.distributed's)
+        self.ddp = dist.wrap(model, self.device) if self.world > 1 else None
         self.lr_at = SCHEDULE.build(cfg.schedule, lr=cfg.optimizer.lr, steps=cfg.steps)
         self.precision, why = resolve_precision(cfg.precision, self.device)
         if cfg.precision == "auto":
@@ -160,7 +183,8 @@ class Trainer:
                 self.states[j] = self.model.restore_memory(saved, self.device)
         if self.device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"])
-        trim_metrics(self.metrics_path, self.step)
+        if self.rank == 0:
+            trim_metrics(self.metrics_path, self.step)
         self.last_saved = self.step
         self.log(f"resumed from step {self.step}")
 
@@ -209,7 +233,7 @@ class Trainer:
         """Train from the current step to cfg.steps (or max_minutes, or a signal); the last logged metrics."""
         cfg, optimizer = self.cfg, self.optimizer
         stepper = TrainStep(self.model, optimizer, cfg=cfg, autocast=self.autocast, scaler=self.scaler,
-                            device=self.device)
+                            device=self.device, ddp=self.ddp)
         it = batches(self.position)
         self.model.train()
         window_loss = torch.zeros((), device=self.device)
@@ -223,6 +247,8 @@ class Trainer:
                 micro = []
                 for _ in range(cfg.grad_accum):
                     batch, self.position = next(it)
+                    while self.world > 1 and dist.rows(batch) < self.world:  # too few rows to share (same on all ranks)
+                        batch, self.position = next(it)
                     micro.append(batch)
                 loss_sum, n_tokens, seen = stepper(micro, self.states)
                 window_loss += loss_sum
@@ -235,15 +261,17 @@ class Trainer:
                 final = step == cfg.steps or timed_out
                 saving = due(cfg.save_every) or final or stop.signal
                 if due(cfg.log_every) or saving:
-                    mean = self.checked_mean(window_loss, window_tokens)
+                    mean = self.checked_mean(dist.all_reduce_sum(window_loss), window_tokens)
                     elapsed = time.perf_counter() - window_start
-                    last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen * self.world / elapsed}
+                    last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen / elapsed}
                     self.write(last)
                     progress.update(step, loss=mean, lr=lr, tokens_per_s=last["tokens_per_s"])
                     window_loss.zero_()
                     window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
                 if self.validator and (due(cfg.eval_every) or final):
-                    self.validate()
+                    if self.rank == 0:  # computed once; the other ranks wait for it
+                        self.validate()
+                    dist.barrier()
                     window_start = time.perf_counter()  # validation time is not training throughput
                 if saving:
                     self.save()

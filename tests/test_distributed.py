@@ -1,0 +1,175 @@
+"""Data parallel (DDP) on torch.distributed, CPU/gloo: 2 processes under torchrun train the same
+model as 1 process on the same global batch; only rank 0 writes and speaks; refusals."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_tfx, sets, tfx_in_process
+
+LM = REPO / "recipes/lm/shakespeare-char.toml"
+STEPS = ["train.steps=12", "train.save_every=0", "train.eval_every=6"]
+
+
+def torchrun(*args: str, log_dir: Path) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m tfx ARGS`, each rank's stdout/stderr in log_dir."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--log-dir", str(log_dir), "--redirects=3", "-m", "tfx", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def records(run: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "split" not in r], [r for r in lines if r.get("split") == "valid"]
+
+
+def assert_same_losses(one: Path, two: Path, steps: int) -> None:
+    train1, valid1 = records(one)
+    train2, valid2 = records(two)
+    assert [r["step"] for r in train1] == [r["step"] for r in train2] == list(range(1, steps + 1))
+    for a, b in zip(train1, train2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    assert [r["step"] for r in valid1] == [r["step"] for r in valid2]  # validated once per eval, not per rank
+    for a, b in zip(valid1, valid2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+
+
+def test_lm_two_processes_equal_one_on_the_global_batch(small_text, tmp_path):
+    args = sets(*TINY, *STEPS, "model.n_layers=1", f"data.train={small_text}", f"data.valid={small_text}",
+                'data.corpus=""')
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_tfx("train", str(LM), *args, "--out", str(one), check=True)
+    proc = torchrun("train", str(LM), *args, "--out", str(two), log_dir=tmp_path / "logs")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_losses(one, two, 12)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
+    assert set(logs) == {"0", "1"}
+    assert logs["1"] == ""  # rank 1 is quiet on success
+    assert "step 12/12" in logs["0"] and logs["0"].count("| valid ") == 2  # validated once per eval
+
+
+def test_seq2seq_two_processes_equal_one_and_nproc_launches_torchrun(tmp_path):
+    """`tfx train --nproc 2` (torchrun for the user); pairs of different lengths, so padding and
+    the global token count matter."""
+    pairs = [(f"ein {'grosses ' * (i % 5)}haus {i}", f"a {'big ' * (i % 3)}house {i}") for i in range(48)]
+    (tmp_path / "pairs.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+    recipe = tmp_path / "mt.toml"
+    recipe.write_text(f'''
+family = "seq2seq"
+[data]
+train = "{tmp_path / 'pairs.tsv'}"
+valid = "{tmp_path / 'pairs.tsv'}"
+[tokenizer]
+kind = "char"
+[model]
+d_model = 32
+n_heads = 4
+d_ff = 64
+encoder_layers = 1
+decoder_layers = 1
+context = 32
+[train]
+batch_size = 8
+device = "cpu"
+precision = "fp32"
+threads = 1
+log_every = 1
+eval_bleu = false
+''')
+    args = sets(*STEPS)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_tfx("train", str(recipe), *args, "--out", str(one), check=True)
+    proc = run_tfx("train", "--nproc", "2", str(recipe), *args, "--out", str(two))
+    assert proc.returncode == 0, proc.stderr
+    assert_same_losses(one, two, 12)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    # torchrun prefixes nothing here: every line of stderr is rank 0's (rank 1 says nothing)
+    assert proc.stderr.count("step 12/12") == 1 and proc.stderr.count("training the char tokenizer") == 1
+
+
+def test_a_batch_that_does_not_divide_is_refused(small_text, tmp_path):
+    proc = tfx_in_process("train", "--nproc", "2", str(LM), *sets(*TINY, "train.batch_size=5",
+                                                                   f"data.train={small_text}"),
+                          "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert "train.batch_size (5) is the global batch and must divide by the number of processes (2)" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_segment_memory_is_refused_on_several_processes(small_text, tmp_path):
+    proc = tfx_in_process("train", str(LM), *sets(*TINY, "model.memory.kind=xl", f"data.train={small_text}"),
+                          "--out", str(tmp_path / "run"), env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert proc.returncode == 2
+    assert "model.memory.kind = 'xl' cannot train on 2 processes" in proc.stderr
+
+
+def test_shard_takes_each_rank_its_rows():
+    from tfx.train.distributed import shard
+
+    batch = {"input": torch.arange(10).view(5, 2), "reset": torch.tensor(True)}
+    parts = [shard(batch, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat([p["input"] for p in parts]), batch["input"])
+    assert [len(p["input"]) for p in parts] == [2, 3] and all(p["reset"] is batch["reset"] for p in parts)
+
+
+def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from tfx.train import distributed as dist
+
+    with dist.process_group("cpu"):
+        grads = _sgd_grads(dist.wrap)
+        if rank == 0:
+            torch.save(grads, out)
+
+
+def _sgd_grads(wrap=None) -> dict:
+    """One TrainStep (2 micro-batches, rows with 0..10 ignored targets) with SGD at lr 1: the update
+    is the gradient. With `wrap`, through DDP on the ranks' rows of the same global batches."""
+    import contextlib
+
+    from tfx.config import validate
+    from tfx.families import build_model
+    from tfx.train.loop import TrainStep
+
+    torch.set_num_threads(1)
+    r = validate({"data": {"train": "x"}, "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 12},
+                  "train": {"device": "cpu", "clip": 0.0, "grad_accum": 2, "precision": "fp32"}})
+    torch.manual_seed(0)
+    model = build_model(r, vocab_size=17)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 17, (16, 13), generator=g)
+    target = rows[:, 1:].clone()
+    for i in range(16):
+        target[i, : (i * 5) % 11] = -100
+    micro = [{"input": rows[s, :-1], "target": target[s]} for s in (slice(0, 8), slice(8, 16))]
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    step = TrainStep(model, opt, cfg=r.train, autocast=contextlib.nullcontext,
+                     ddp=wrap(model, torch.device("cpu")) if wrap else None)
+    step(micro, [None, None])
+    return {k: before[k] - v.detach() for k, v in model.named_parameters()}
+
+
+def test_the_synced_gradient_is_the_one_process_gradient(tmp_path):
+    """AdamW hides a gradient's scale; SGD does not: the DDP gradient (rows whose token counts differ
+    per rank, 2 micro-batches accumulated) equals one process's on the same global batch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_grad_worker, args=(2, port, str(tmp_path / "g.pt")), nprocs=2)
+    two, one = torch.load(tmp_path / "g.pt"), _sgd_grads()
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
+    assert sum(float(v.abs().sum()) for v in one.values()) > 0
