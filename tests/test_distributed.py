@@ -173,3 +173,22 @@ def test_the_synced_gradient_is_the_one_process_gradient(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
     assert sum(float(v.abs().sum()) for v in one.values()) > 0
+
+
+def test_resume_at_another_world_size_continues_the_loss_sequence(small_text, tmp_path):
+    """A run saved by 2 processes resumes on 1, and one saved by 1 resumes on 2: the data position is
+    global and the batch is global, so the losses continue those of an uninterrupted run (dropout 0;
+    a constant schedule, since the first leg is told fewer steps and cosine depends on their number)."""
+    args = sets(*TINY, "model.n_layers=1", "model.dropout=0", "train.save_every=3", "train.eval_every=0",
+                'train.schedule={kind = "constant", warmup = 2}', f"data.train={small_text}", 'data.corpus=""')
+    whole, two_then_one, one_then_two = tmp_path / "whole", tmp_path / "2to1", tmp_path / "1to2"
+    run_tfx("train", str(LM), *args, "--set", "train.steps=8", "--out", str(whole), check=True)
+    first = torchrun("train", str(LM), *args, "--set", "train.steps=4", "--out", str(two_then_one),
+                     log_dir=tmp_path / "logs-a")
+    assert first.returncode == 0, first.stderr
+    run_tfx("train", "--resume", str(two_then_one), "--set", "train.steps=8", check=True)
+    run_tfx("train", str(LM), *args, "--set", "train.steps=4", "--out", str(one_then_two), check=True)
+    second = torchrun("train", "--resume", str(one_then_two), "--set", "train.steps=8", log_dir=tmp_path / "logs-b")
+    assert second.returncode == 0, second.stderr
+    assert_same_losses(whole, two_then_one, 8)
+    assert_same_losses(whole, one_then_two, 8)
