@@ -66,7 +66,7 @@ def test_data_blocks_order_the_lm_training_text():
                            "train": {"batch_size": 2}})
         task = LMTask(recipe, None)
         task.load_split = lambda tokenizer, split, fetch=False: (ids, 1000) if split == "train" else None
-        batches, _ = task.prepare(SimpleNamespace(vocab_size=1000), rank=0, world=1)
+        batches, _ = task.prepare(SimpleNamespace(vocab_size=1000))
         first, second = (b["input"] for b, _ in (lambda it: (next(it), next(it)))(batches(DataPosition())))
         seen[blocks] = bool(torch.equal(second[:, 0], first[:, -1] + 1))  # each row reads on
     assert seen == {"auto": False, "random": False, "lanes": True}

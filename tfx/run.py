@@ -15,7 +15,8 @@ from tfx import config as C
 from tfx.errors import RunError, UsageError
 from tfx.families import get_task, need_text_lm
 from tfx.rundir import load_run, weights_path  # noqa: F401  (re-exported: tfx.run.load_run)
-from tfx.rundir.files import BEST, METRICS, RECIPE, SRC_TOKENIZER, STATE, TOKENIZER, atomic_write_text, sha256_file
+from tfx.rundir.files import (BEST, METRICS, RECIPE, SRC_TOKENIZER, STATE, TOKENIZER, WEIGHTS, atomic_write_text,
+                              sha256_file)
 from tfx.tasks.common import EvalOptions, GenerateSettings, log
 from tfx.train import distributed as dist
 
@@ -57,7 +58,7 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
         if recipe.init_from and not (Path(recipe.init_from) / RECIPE).is_file():
             raise UsageError(f"init_from: {recipe.init_from!r} is not a tfx run directory (train it first)")
         run_dir = Path(out or Path("runs") / recipe.name)
-        if (run_dir / "state").exists() or (run_dir / "model.safetensors").exists():
+        if (run_dir / STATE).exists() or (run_dir / WEIGHTS).exists():
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                              f"or pick another --out")
     if recipe.train.threads:
@@ -70,8 +71,7 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
 def _train(recipe, run_dir: Path, resume: str | None) -> dict:
     """`train` once the run directory is chosen (and, under torchrun, the process group is up).
     Rank 0 writes the run's files (tokenizer, labels, recipe) while the other ranks wait, then
-    read its tokenizer; every rank builds the same global batches (rank=0, world=1 below) and the
-    training step takes its rows of each (tfx.train.distributed.shard)."""
+    read its tokenizer; every rank builds the same global batches and the training step takes its rows of each (tfx.train.distributed.shard)."""
     from tfx.config import recipe_dict, to_toml
     from tfx.data.tokenizers import load_tokenizer
     from tfx.families import build_model, init_encoder
@@ -112,7 +112,7 @@ def _train(recipe, run_dir: Path, resume: str | None) -> dict:
 
 def _prepare(task, tokenizer):
     try:
-        return task.prepare(tokenizer, rank=0, world=1)  # the global batches, on every rank
+        return task.prepare(tokenizer)  # the global batches, on every rank
     except ValueError as exc:  # data too small for a batch, and the like
         raise RunError(str(exc)) from None
 
@@ -128,13 +128,12 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
     if stream is not None:
         need_text_lm(recipe, "--stream-window")
-    if beam is not None:
-        C.generate_settings(recipe.generate, {"beam": beam})  # refused like a recipe value
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
     if knn_pair is not None and stride is None:
         stride = (knn_pair[0].saved_settings() or {}).get("stride")  # the windows it was tuned on
     options = EvalOptions(stride=stride, context=context, batch_size=batch_size, max_tokens=max_tokens,
-                          stream=stream, knn=knn_pair, beam=beam, hyp_out=hyp_out)
+                          stream=stream, knn=knn_pair, hyp_out=hyp_out,
+                          generate=C.generate_settings(recipe.generate, {"beam": beam}))  # refused like a recipe value
     dev = select_device(device)
     model.to(dev)
     result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, options=options)
@@ -282,7 +281,7 @@ def average(run_dir: str, *, last: int, out: str) -> Path:
     chosen = found[-last:]
     total = None
     for path in chosen:
-        weights = load_file(str(path / "model.safetensors"))
+        weights = load_file(str(path / WEIGHTS))
         total = weights if total is None else {k: total[k] + v for k, v in weights.items()}
     mean = {k: (v / last).to(v.dtype) for k, v in total.items()}
     missing, unexpected = model.load_state_dict(mean, strict=False)
@@ -294,6 +293,6 @@ def average(run_dir: str, *, last: int, out: str) -> Path:
             shutil.copytree(item, target / item.name)
         elif item.is_file() and item.suffix in (".toml", ".json") and not item.name.startswith("."):
             shutil.copy(item, target / item.name)
-    save_weights(model, target / "model.safetensors")
+    save_weights(model, target / WEIGHTS)
     log(f"averaged {', '.join(p.name for p in chosen)} into {target}")
     return target

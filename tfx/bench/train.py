@@ -115,7 +115,7 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
         run_dir = Path(scratch)
         task = get_task(recipe, run_dir)
         tokenizer = new_tokenizer(recipe, task, run_dir)
-        batches, _ = task.prepare(tokenizer, rank=0, world=1)
+        batches, _ = task.prepare(tokenizer)
         torch.manual_seed(cfg.seed)
         model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir).to(device)
         optimizer = OPTIMIZER.build(cfg.optimizer, model=model)

@@ -77,13 +77,13 @@ class ClassifierTask(Task):
         return [index[x] for x in labels]
 
     # ------------------------------------------------------------------ training
-    def prepare(self, tokenizer, *, rank: int, world: int):
+    def prepare(self, tokenizer):
         recipe = self.recipe
         texts, labels = self.labelled("train", fetch=True)
         names = write_labels(self.run_dir, labels)
         rows, ids = self.encode(tokenizer, texts), self.label_ids(labels, names, "train")
         order = LengthBatches([len(r) for r in rows], seed=recipe.train.seed, max_tokens=recipe.train.max_tokens,
-                              batch_size=recipe.train.batch_size, rank=rank, world=world)
+                              batch_size=recipe.train.batch_size)
 
         def batches(position) -> Iterator:
             for idx, pos in order.batches(position):

@@ -47,7 +47,7 @@ class EvalOptions:
     max_tokens: int | None = None   # lm: score only the first N tokens
     stream: tuple[int, int] | None = None  # lm: (sinks, window) read in order through a sink cache
     knn: Any = None                 # lm: (Datastore, KNNSettings) adds the kNN-LM's metrics
-    beam: int | None = None         # seq2seq: beam size (default: the recipe's generate.beam)
+    generate: Any = None            # seq2seq: the recipe's [generate] with --beam applied (a GenerateConfig)
     hyp_out: str | None = None      # seq2seq: write the hypotheses to this file
 
 

@@ -37,7 +37,7 @@ class LMTask(Task):
         part = ids[:cut] if split == "train" else ids[cut:]
         return part, len(tokenizer.decode(part.tolist()).encode("utf-8"))
 
-    def prepare(self, tokenizer, *, rank: int, world: int):
+    def prepare(self, tokenizer):
         """(batches(position) for training, validate(model) or None)."""
         recipe = self.recipe
         train_ids, _ = self.load_split(tokenizer, "train", fetch=True)
@@ -46,7 +46,7 @@ class LMTask(Task):
             + (f", {valid[0].numel():,} validation tokens" if valid else ", no validation split"))
         lanes = recipe.data.blocks == "lanes" or (recipe.data.blocks == "auto" and recipe.model.memory.kind != "none")
         kind = StreamBlocks if lanes else PackedBlocks  # a segment memory reads each lane in order
-        blocks = kind(train_ids, block=recipe.model.context, seed=recipe.train.seed, rank=rank, world=world)
+        blocks = kind(train_ids, block=recipe.model.context, seed=recipe.train.seed)
         batches = lambda pos: blocks.batches(recipe.train.batch_size, pos)  # noqa: E731
         if valid is None:
             return batches, None

@@ -31,10 +31,10 @@ class MLMTask(Task):
         cut = int(ids.numel() * (1 - holdout))
         return ids if not holdout else ids[:cut] if split == "train" else ids[cut:]
 
-    def prepare(self, tokenizer, *, rank: int, world: int):
+    def prepare(self, tokenizer):
         recipe = self.recipe
         stream = self.stream(tokenizer, "train", fetch=True)
-        blocks = PackedBlocks(stream, block=recipe.model.context, seed=recipe.train.seed, rank=rank, world=world)
+        blocks = PackedBlocks(stream, block=recipe.model.context, seed=recipe.train.seed)
 
         def batches(position) -> Iterator:
             for batch, pos in blocks.batches(recipe.train.batch_size, position):

@@ -58,7 +58,7 @@ class Seq2SeqTask(Task):
                 "tgt_in": pad([[bos] + t for _, t in examples], padding),
                 "tgt_out": pad([t + [eos] for _, t in examples], IGNORE)}
 
-    def prepare(self, tokenizer, *, rank: int, world: int):
+    def prepare(self, tokenizer):
         recipe = self.recipe
         src, tgt = self.pairs("train", fetch=True)
         limit = min(recipe.model.context, recipe.data.max_len or recipe.model.context)
@@ -67,7 +67,7 @@ class Seq2SeqTask(Task):
             log(f"dropped {len(src) - len(examples):,} training pairs longer than {limit} tokens")
         sizes = [max(len(s), len(t) + 1) for s, t in examples]
         order = LengthBatches(sizes, seed=recipe.train.seed, max_tokens=recipe.train.max_tokens,
-                              batch_size=recipe.train.batch_size, rank=rank, world=world)
+                              batch_size=recipe.train.batch_size)
 
         def batches(position) -> Iterator:
             for idx, pos in order.batches(position):
@@ -158,7 +158,7 @@ class Seq2SeqTask(Task):
                 raise UsageError(f"the recipe has no {split!r} split; give --data FILE")
         src, ref = pairs
         result = self.score(model, tokenizer, src, ref, device=device)
-        config = self.recipe.generate.model_copy(update={"beam": options.beam or self.recipe.generate.beam})
+        config = options.generate or self.recipe.generate
         hyps = list(self.translate(model, tokenizer, src, config=config, device=device))
         if options.hyp_out:
             Path(options.hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from tfx.errors import RunError
-from tfx.rundir.files import atomic_write_text, commit, fsync_dir, temp_path  # noqa: F401  (atomic_write_text: re-exported)
+from tfx.rundir.files import STATE, WEIGHTS, atomic_write_text, commit, fsync_dir, temp_path  # noqa: F401  (atomic_write_text: re-exported)
 
 
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -65,14 +65,14 @@ def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, ext
 
     `extra` holds tensors (RNG states, ...) saved beside the optimizer state.
     """
-    state_dir = Path(run_dir) / "state"
+    state_dir = Path(run_dir) / STATE
     state_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{trainer['step']:08d}"
     final = state_dir / name
     tmp = state_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
+    save_weights(model, tmp / WEIGHTS)
     torch.save({"optimizer": optimizer.state_dict(), **extra}, tmp / "optim.pt")
     _commit_file = tmp / "trainer.json"
     _commit_file.write_text(json.dumps(trainer), encoding="utf-8")
@@ -83,7 +83,7 @@ def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, ext
     os.replace(tmp, final)
     fsync_dir(state_dir)
     atomic_write_text(state_dir / "LATEST", name + "\n")
-    _link(final / "model.safetensors", Path(run_dir) / "model.safetensors")
+    _link(final / WEIGHTS, Path(run_dir) / WEIGHTS)
     older = sorted(p for p in state_dir.glob("ckpt-*") if p.name != name)
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
@@ -92,11 +92,11 @@ def save_checkpoint(run_dir: str | Path, *, model, optimizer, trainer: dict, ext
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
     """The complete checkpoint directories of a run, oldest first."""
-    return sorted(p for p in (Path(run_dir) / "state").glob("ckpt-*") if (p / "model.safetensors").is_file())
+    return sorted(p for p in (Path(run_dir) / STATE).glob("ckpt-*") if (p / WEIGHTS).is_file())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    state_dir = Path(run_dir) / "state"
+    state_dir = Path(run_dir) / STATE
     try:
         name = (state_dir / "LATEST").read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
@@ -110,7 +110,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 def load_checkpoint(run_dir: str | Path, *, model, optimizer) -> tuple[dict, dict]:
     """Restore model and optimizer from the latest checkpoint; returns (trainer, extra tensors)."""
     path = latest_checkpoint(run_dir)
-    load_weights(model, path / "model.safetensors")
+    load_weights(model, path / WEIGHTS)
     try:
         trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
         blob = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")

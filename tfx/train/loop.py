@@ -22,9 +22,10 @@ from tfx.data.batching import DataPosition
 from tfx.errors import RunError
 from tfx.nn.attention.base import aux_losses
 from tfx.registry import OPTIMIZER, SCHEDULE
+from tfx.rundir.files import BEST, METRICS
 from tfx.train import checkpoint as ckpt
 from tfx.train import distributed as dist
-from tfx.train.precision import autocast_for, resolve_precision  # noqa: F401  (autocast_for: re-exported)
+from tfx.train.precision import autocast_for, resolve_precision  # autocast_for: also re-exported
 from tfx.train.progress import Progress
 
 
@@ -156,7 +157,6 @@ class Trainer:
         self.cfg, self.model, self.validator, self.run_dir, self.log = cfg, model, validate, run_dir, log
         self.rank, self.world = dist.rank(), dist.world()
         self.device = select_device(cfg.device)
-        self.autocast = autocast_for(self.device, cfg.precision)
         model.to(self.device)
         self.optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
         # world > 1: gradients all-reduced by DDP (the process group is tfx.train.distributed's)
@@ -165,8 +165,9 @@ class Trainer:
         self.precision, why = resolve_precision(cfg.precision, self.device)
         if cfg.precision == "auto":
             log(f"train.precision = 'auto': {self.precision} ({why.removeprefix('auto: ')})")
+        self.autocast = autocast_for(self.device, self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS
         self.step, self.position, self.best, self.last_saved = 0, DataPosition(), math.inf, 0
         self.states: list = [None] * cfg.grad_accum  # per micro-batch: a segment memory between steps, else None
         self.metrics_file = None
@@ -218,7 +219,7 @@ class Trainer:
         score = -result[metric] if metric in HIGHER_IS_BETTER else result[metric]
         if score < self.best and self.rank == 0:  # `best` is kept as a number to lower, whatever the metric
             self.best = score
-            ckpt.save_weights(self.model, self.run_dir / "best.safetensors")
+            ckpt.save_weights(self.model, self.run_dir / BEST)
         return result
 
     def checked_mean(self, loss_sum: torch.Tensor, tokens: int) -> float:
