@@ -134,6 +134,10 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast
+    # world size above 1: "ddp" replicates the model on every rank; "fsdp" shards parameters, gradients and
+    # optimizer state per block (torch FSDP2) and keeps sharded torch.distributed.checkpoint checkpoints
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     optimizer: OptimizerKind = _default(OPTIMIZER, "adamw")
     schedule: ScheduleKind = _default(SCHEDULE, "cosine")
 
