@@ -1,5 +1,6 @@
-"""Data parallel (DDP) on torch.distributed, CPU/gloo: 2 processes under torchrun train the same
-model as 1 process on the same global batch; only rank 0 writes and speaks; refusals."""
+"""Data parallel on torch.distributed, CPU/gloo, DDP and FSDP2 (train.parallel): 2 processes under
+torchrun train the same model as 1 process on the same global batch; only rank 0 writes and speaks;
+resume at another world size; each rank's RNG kept; refusals."""
 from __future__ import annotations
 
 import json
@@ -41,9 +42,10 @@ def assert_same_losses(one: Path, two: Path, steps: int) -> None:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
 
 
-def test_lm_two_processes_equal_one_on_the_global_batch(small_text, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lm_two_processes_equal_one_on_the_global_batch(small_text, tmp_path, parallel):
     args = sets(*TINY, *STEPS, "model.n_layers=1", f"data.train={small_text}", f"data.valid={small_text}",
-                'data.corpus=""')
+                'data.corpus=""', f"train.parallel={parallel}")
     one, two = tmp_path / "one", tmp_path / "two"
     run_tfx("train", str(LM), *args, "--out", str(one), check=True)
     proc = torchrun("train", str(LM), *args, "--out", str(two), log_dir=tmp_path / "logs")
@@ -54,9 +56,11 @@ def test_lm_two_processes_equal_one_on_the_global_batch(small_text, tmp_path):
     assert set(logs) == {"0", "1"}
     assert logs["1"] == ""  # rank 1 is quiet on success
     assert "step 12/12" in logs["0"] and logs["0"].count("| valid ") == 2  # validated once per eval
+    assert (two / "state/ckpt-00000012/dcp").is_dir() == (parallel == "fsdp")  # sharded checkpoints
 
 
-def test_seq2seq_two_processes_equal_one_and_nproc_launches_torchrun(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_seq2seq_two_processes_equal_one_and_nproc_launches_torchrun(tmp_path, parallel):
     """`tfx train --nproc 2` (torchrun for the user); pairs of different lengths, so padding and
     the global token count matter."""
     pairs = [(f"ein {'grosses ' * (i % 5)}haus {i}", f"a {'big ' * (i % 3)}house {i}") for i in range(48)]
@@ -83,6 +87,7 @@ precision = "fp32"
 threads = 1
 log_every = 1
 eval_bleu = false
+parallel = "{parallel}"
 ''')
     args = sets(*STEPS)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -154,7 +159,7 @@ def _sgd_grads(wrap=None) -> dict:
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     step = TrainStep(model, opt, cfg=r.train, autocast=contextlib.nullcontext,
-                     ddp=wrap(model, torch.device("cpu")) if wrap else None)
+                     parallel=wrap(model, torch.device("cpu")) if wrap else None)
     step(micro, [None, None])
     return {k: before[k] - v.detach() for k, v in model.named_parameters()}
 
@@ -175,12 +180,14 @@ def test_the_synced_gradient_is_the_one_process_gradient(tmp_path):
     assert sum(float(v.abs().sum()) for v in one.values()) > 0
 
 
-def test_resume_at_another_world_size_continues_the_loss_sequence(small_text, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resume_at_another_world_size_continues_the_loss_sequence(small_text, tmp_path, parallel):
     """A run saved by 2 processes resumes on 1, and one saved by 1 resumes on 2: the data position is
     global and the batch is global, so the losses continue those of an uninterrupted run (dropout 0;
     a constant schedule, since the first leg is told fewer steps and cosine depends on their number)."""
     args = sets(*TINY, "model.n_layers=1", "model.dropout=0", "train.save_every=3", "train.eval_every=0",
-                'train.schedule={kind = "constant", warmup = 2}', f"data.train={small_text}", 'data.corpus=""')
+                'train.schedule={kind = "constant", warmup = 2}', f"data.train={small_text}", 'data.corpus=""',
+                f"train.parallel={parallel}")
     whole, two_then_one, one_then_two = tmp_path / "whole", tmp_path / "2to1", tmp_path / "1to2"
     run_tfx("train", str(LM), *args, "--set", "train.steps=8", "--out", str(whole), check=True)
     first = torchrun("train", str(LM), *args, "--set", "train.steps=4", "--out", str(two_then_one),
@@ -192,3 +199,47 @@ def test_resume_at_another_world_size_continues_the_loss_sequence(small_text, tm
     assert second.returncode == 0, second.stderr
     assert_same_losses(whole, two_then_one, 8)
     assert_same_losses(whole, one_then_two, 8)
+
+
+def test_each_rank_resumes_its_own_rng(small_text, tmp_path):
+    """With dropout every rank draws its own masks: a 2-process run stopped and resumed on 2
+    processes goes on exactly as the uninterrupted one only if rank 1 gets back rank 1's RNG."""
+    args = sets(*TINY, "model.n_layers=1", "model.dropout=0.2", "train.save_every=3", "train.eval_every=0",
+                'train.schedule={kind = "constant", warmup = 2}', f"data.train={small_text}", 'data.corpus=""')
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for out, steps in ((whole, 6), (parts, 3)):
+        proc = torchrun("train", str(LM), *args, "--set", f"train.steps={steps}", "--out", str(out),
+                        log_dir=tmp_path / f"logs-{out.name}")
+        assert proc.returncode == 0, proc.stderr
+    proc = torchrun("train", "--resume", str(parts), "--set", "train.steps=6", log_dir=tmp_path / "logs-resume")
+    assert proc.returncode == 0, proc.stderr
+    train_w, _ = records(whole)
+    train_p, _ = records(parts)
+    assert [r["loss"] for r in train_p] == [r["loss"] for r in train_w]
+    saved = torch.load(parts / "state/ckpt-00000006/optim.pt", weights_only=True)["rng_ranks"]
+    assert saved.shape[0] == 2 and not torch.equal(saved[0], saved[1])  # two different streams were kept
+
+
+def test_sharded_run_loads_in_one_process_and_refuses_a_ddp_checkpoint(small_text, tmp_path):
+    """An FSDP run's sharded checkpoint: eval, generate and average read it in one process (the last
+    validation loss comes back); a DDP run's checkpoint is not resumed into FSDP shards."""
+    args = sets(*TINY, "model.n_layers=1", "train.steps=4", "train.save_every=2", "train.eval_every=4",
+                "train.keep_checkpoints=2", "train.eval_tokens=100000", f"data.train={small_text}",
+                f"data.valid={small_text}", 'data.corpus=""')  # validation on the whole text, as tfx eval
+    run = tmp_path / "fsdp"
+    proc = torchrun("train", str(LM), *args, "--set", "train.parallel=fsdp", "--out", str(run),
+                    log_dir=tmp_path / "logs")
+    assert proc.returncode == 0, proc.stderr
+    _, valid = records(run)
+    report = json.loads(run_tfx("eval", str(run), "--split", "valid", "--json", "--checkpoint", "last",
+                                check=True).stdout)
+    assert report["loss"] == pytest.approx(valid[-1]["loss"], rel=1e-5)
+    assert len(run_tfx("generate", str(run), "ROMEO:", "--max-new-tokens", "5", "--seed", "1", check=True).stdout) >= 5
+    run_tfx("average", str(run), "--last", "2", "--out", str(tmp_path / "avg"), check=True)
+    ddp = tmp_path / "ddp"
+    run_tfx("train", str(LM), *args, "--out", str(ddp), check=True)
+    proc = torchrun("train", "--resume", str(ddp), "--set", "train.steps=6", "--set", "train.parallel=fsdp",
+                    log_dir=tmp_path / "logs-refused")
+    assert proc.returncode != 0
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs-refused").rglob("stderr.log")}
+    assert "was saved with train.parallel = 'ddp' (full tensors, not sharded ones)" in logs["0"]

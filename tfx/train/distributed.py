@@ -77,6 +77,24 @@ def sum_numbers(*values: float) -> list[float]:
     return t.tolist()
 
 
+def gather_objects(value) -> list:
+    """Every rank's `value` (picklable), in rank order; [value] with one process."""
+    if not active():
+        return [value]
+    out = [None] * world()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def accumulating(wrapped, last: bool):
+    """Context for one micro-batch's backward: the gradient sync (all-reduce under DDP, reduce-scatter
+    under FSDP) only after the last micro-batch of a step."""
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else wrapped.no_sync()
+
+
 def check_recipe(recipe, n: int) -> None:
     """Refuse what does not run at world size `n` (> 1), with the reason."""
     if n <= 1:

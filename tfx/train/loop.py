@@ -7,6 +7,7 @@ the data side provides `batches(position)` (an endless iterator of (batch, next 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -25,6 +26,7 @@ from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.rundir.files import BEST, METRICS
 from tfx.train import checkpoint as ckpt
 from tfx.train import distributed as dist
+from tfx.train import sharded
 from tfx.train.precision import autocast_for, resolve_precision  # autocast_for: also re-exported
 from tfx.train.progress import Progress
 
@@ -87,38 +89,39 @@ class TrainStep:
     the device. Returns the detached summed loss (plus a zero-weighted gradient norm, so a NaN/inf
     gradient shows in it), the loss tokens and the input tokens.
 
-    With `ddp` (a DistributedDataParallel over `model.loss`, see tfx.train.distributed) the
-    micro-batches are the GLOBAL ones, the same on every rank: the token counts are theirs (so the
+    With `parallel` (DistributedDataParallel or FSDP2 over `model.loss`, see tfx.train.distributed
+    and tfx.train.sharded) the micro-batches are the GLOBAL ones, the same on every rank: the token counts are theirs (so the
     normalisation is by the global count, as one process would do it), and this rank trains on its
-    rows of each. DDP averages the gradients over the ranks, so the loss is scaled by the world size:
+    rows of each. Both average the gradients over the ranks, so the loss is scaled by the world size:
     the synced gradient is then the sum over all ranks' tokens divided by the global count, the
     one-process gradient of the same batch. The returned loss is this rank's part of the sum."""
 
-    def __init__(self, model, optimizer, *, cfg, autocast, scaler=None, device=None, ddp=None):
+    def __init__(self, model, optimizer, *, cfg, autocast, scaler=None, device=None, parallel=None):
         self.model, self.optimizer, self.cfg, self.autocast, self.scaler = model, optimizer, cfg, autocast, scaler
         self.device = device or next(model.parameters()).device
         self.input_tokens = getattr(model, "input_tokens", None)  # throughput where the loss is not per token
-        self.ddp, self.rank, self.world = ddp, (dist.rank() if ddp else 0), (dist.world() if ddp else 1)
-        call = ddp if ddp is not None else model.loss
+        self.parallel, self.rank, self.world = parallel, dist.rank() if parallel else 0, dist.world() if parallel else 1
+        call = parallel if parallel is not None else model.loss
         self.loss = torch.compile(call) if cfg.compile else call
 
     def __call__(self, micro: list[dict], states: list) -> tuple[torch.Tensor, int, int]:
         model, optimizer, scaler, cfg = self.model, self.optimizer, self.scaler, self.cfg
         n_tokens = sum(model.count_tokens(b) for b in micro)
         seen = sum(self.input_tokens(b) for b in micro) if self.input_tokens else n_tokens
-        if self.ddp is not None:
+        if self.parallel is not None:
             micro = [dist.shard(b, self.rank, self.world) for b in micro]
         micro = [self.to_device(b) for b in micro]
         total = None
         for j, batch in enumerate(micro):
-            # DDP: only the last micro-batch's backward all-reduces (the gradients accumulated before it)
-            sync = self.ddp.no_sync() if self.ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+            last = j == len(micro) - 1  # only its backward syncs (the gradients accumulated before it)
+            with dist.accumulating(self.parallel, last) if self.parallel is not None else contextlib.nullcontext():
                 total = self.micro_step(batch, states, j, n_tokens, len(micro), total)
         if scaler:
             scaler.unscale_(optimizer)
         if cfg.clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+                grad_norm = grad_norm.full_tensor()
             total = total + grad_norm.detach() * 0
         if scaler:
             scaler.step(optimizer)
@@ -158,9 +161,15 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world()
         self.device = select_device(cfg.device)
         model.to(self.device)
-        self.optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
-        # world > 1: gradients all-reduced by DDP (the process group is tfx.train.distributed's)
-        self.ddp = dist.wrap(model, self.device) if self.world > 1 else None
+        self.sharded = cfg.parallel == "fsdp"  # sharded (DCP) checkpoints, at any world size
+        self.fsdp = self.world > 1 and self.sharded
+        self.replica = None  # FSDP: rank 0's unsharded copy, to validate and to write the full weights
+        if self.fsdp:
+            self.replica = copy.deepcopy(model) if self.rank == 0 else None
+            self.parallel = sharded.shard(model)
+        else:  # world > 1: gradients all-reduced by DDP (the process group is tfx.train.distributed's)
+            self.parallel = dist.wrap(model, self.device) if self.world > 1 else None
+        self.optimizer = OPTIMIZER.build(cfg.optimizer, model=model)  # after sharding: on the shards
         self.lr_at = SCHEDULE.build(cfg.schedule, lr=cfg.optimizer.lr, steps=cfg.steps)
         self.precision, why = resolve_precision(cfg.precision, self.device)
         if cfg.precision == "auto":
@@ -174,20 +183,59 @@ class Trainer:
 
     def restore(self) -> None:
         """Continue from the run's latest checkpoint: weights, optimizer, RNG, data position, memories."""
+        if self.fsdp:
+            ckpt.require_sharded(self.run_dir)  # a DDP run's checkpoint does not load into FSDP shards
         trainer, extra = ckpt.load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer)
         self.step, self.position, self.best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
         if trainer.get("best_metric", "loss") != self.cfg.best_metric:
             self.best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
-        torch.set_rng_state(extra["rng_cpu"])
+        self.restore_rng(extra)
         for j, saved in enumerate(extra.get("memory") or []):
             if saved and j < len(self.states):  # the memory kind's State.save(), or an old run's list
                 self.states[j] = self.model.restore_memory(saved, self.device)
-        if self.device.type == "cuda" and "rng_cuda" in extra:
-            torch.cuda.set_rng_state(extra["rng_cuda"])
         if self.rank == 0:
             trim_metrics(self.metrics_path, self.step)
         self.last_saved = self.step
         self.log(f"resumed from step {self.step}")
+
+    def restore_rng(self, extra: dict) -> None:
+        """Each rank's own RNG state (dropout masks) where the checkpoint has it: a run saved by N
+        processes keeps N of them, an older or 1-process run only rank 0's. A rank beyond those (a
+        resume on more processes) starts from a seed of (train.seed, rank, step) instead."""
+        cpu = extra.get("rng_ranks", [extra["rng_cpu"]])
+        cuda = extra.get("rng_cuda_ranks", [extra["rng_cuda"]] if "rng_cuda" in extra else [])
+        if self.rank < len(cpu):
+            torch.set_rng_state(cpu[self.rank].clone())  # a row of the saved stack: its own storage, offset 0
+        else:
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
+        if self.device.type == "cuda" and self.rank < len(cuda):
+            torch.cuda.set_rng_state(cuda[self.rank].clone())
+        if self.world > len(cpu):
+            self.log(f"the checkpoint keeps the RNG state of {len(cpu)} process(es); ranks {len(cpu)}.."
+                     f"{self.world - 1} start from new seeds (train.seed, rank, step)")
+
+    def rng_states(self) -> dict:
+        """RNG states to save: rank 0's as `rng_cpu` / `rng_cuda`, and under torchrun every rank's (a
+        collective)."""
+        extra = {"rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            extra["rng_cuda"] = torch.cuda.get_rng_state()
+        if self.world > 1:
+            extra["rng_ranks"] = torch.stack(dist.gather_objects(extra["rng_cpu"]))
+            if self.device.type == "cuda":
+                extra["rng_cuda_ranks"] = torch.stack(dist.gather_objects(extra["rng_cuda"]))
+        return extra
+
+    def unsharded(self) -> torch.nn.Module | None:
+        """The model with all its weights, on rank 0: the model itself, or under FSDP the replica
+        with the weights gathered into it (a collective; the other ranks get None)."""
+        if not self.fsdp:
+            return self.model if self.rank == 0 else None
+        weights = sharded.full_weights(self.parallel)
+        if self.replica is None:
+            return None
+        self.replica.load_state_dict(weights)
+        return self.replica
 
     def write(self, record: dict) -> None:
         if self.metrics_file:
@@ -195,31 +243,35 @@ class Trainer:
             self.metrics_file.flush()
 
     def save(self) -> None:
-        if self.rank != 0:
-            return
-        extra = {"rng_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            extra["rng_cuda"] = torch.cuda.get_rng_state()
+        """A checkpoint of the step (every rank calls it: the RNG states and FSDP's shards are
+        collected from all; rank 0 writes)."""
+        extra = self.rng_states()
         saved = [s.memory.save() if s is not None and s.memory is not None else None for s in self.states]
         if any(saved):  # so a resume continues the segment memory
             extra["memory"] = saved
         trainer = {"step": self.step, "data": asdict(self.position), "best": self.best,
                    "best_metric": self.cfg.best_metric}
-        ckpt.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, trainer=trainer, extra=extra,
-                             keep=self.cfg.keep_checkpoints)
+        if self.sharded:
+            ckpt.save_sharded_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
+                                         weights=self.unsharded(), trainer=trainer, extra=extra,
+                                         keep=self.cfg.keep_checkpoints)
+        elif self.rank == 0:
+            ckpt.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, trainer=trainer,
+                                 extra=extra, keep=self.cfg.keep_checkpoints)
         self.last_saved = self.step
 
-    def validate(self) -> dict:
-        """Validation metrics, logged; best.safetensors follows train.best_metric."""
+    def validate(self, model: torch.nn.Module) -> dict:
+        """Validation metrics of `model` (the unsharded one, on rank 0), logged; best.safetensors
+        follows train.best_metric."""
         metric = self.cfg.best_metric
-        result = {k: v for k, v in self.validator(self.model).items() if isinstance(v, (int, float, str))}
+        result = {k: v for k, v in self.validator(model).items() if isinstance(v, (int, float, str))}
         self.write({"step": self.step, "split": "valid", **result})
         self.log(f"step {self.step} | valid "
                  + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
         score = -result[metric] if metric in HIGHER_IS_BETTER else result[metric]
         if score < self.best and self.rank == 0:  # `best` is kept as a number to lower, whatever the metric
             self.best = score
-            ckpt.save_weights(self.model, self.run_dir / BEST)
+            ckpt.save_weights(model, self.run_dir / BEST)
         return result
 
     def checked_mean(self, loss_sum: torch.Tensor, tokens: int) -> float:
@@ -234,7 +286,7 @@ class Trainer:
         """Train from the current step to cfg.steps (or max_minutes, or a signal); the last logged metrics."""
         cfg, optimizer = self.cfg, self.optimizer
         stepper = TrainStep(self.model, optimizer, cfg=cfg, autocast=self.autocast, scaler=self.scaler,
-                            device=self.device, ddp=self.ddp)
+                            device=self.device, parallel=self.parallel)
         it = batches(self.position)
         self.model.train()
         window_loss = torch.zeros((), device=self.device)
@@ -270,8 +322,9 @@ class Trainer:
                     window_loss.zero_()
                     window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
                 if self.validator and (due(cfg.eval_every) or final):
+                    model = self.unsharded()
                     if self.rank == 0:  # computed once; the other ranks wait for it
-                        self.validate()
+                        self.validate(model)
                     dist.barrier()
                     window_start = time.perf_counter()  # validation time is not training throughput
                 if saving:
