@@ -34,6 +34,11 @@ def active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def backend_for(device_type: str) -> str:
+    """nccl between GPUs, gloo between CPU processes."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 @contextlib.contextmanager
 def process_group(device_type: str):
     """Initialise the process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)
@@ -45,7 +50,7 @@ def process_group(device_type: str):
         return
     if not torch.distributed.is_available():
         raise UsageError(f"WORLD_SIZE={n} but this torch has no torch.distributed")
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = backend_for(device_type)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 1800)))

@@ -32,14 +32,24 @@ from tfx.train.progress import Progress
 
 
 def select_device(name: str) -> torch.device:
+    """train.device: `auto` is CUDA where present, then Apple's MPS, then the CPU. Under torchrun a
+    CUDA process takes the GPU of its LOCAL_RANK (one process per GPU)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("train.device = 'cuda' but no CUDA device is available")
+        else:
+            return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError("train.device = 'cuda' but no CUDA device is available")
+        if dist.world() > 1:
+            index, count = dist.local_rank(), torch.cuda.device_count()
+            if index >= count:
+                raise RunError(f"LOCAL_RANK {index} but this node has {count} CUDA device(s): start at most "
+                               f"{count} process(es) per node (--nproc-per-node)")
+            return torch.device("cuda", index)
     return torch.device(name)
 
 
