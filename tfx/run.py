@@ -75,6 +75,7 @@ def _train(recipe, run_dir: Path, resume: str | None) -> dict:
     from tfx.config import recipe_dict, to_toml
     from tfx.data.tokenizers import load_tokenizer
     from tfx.families import build_model, init_encoder
+    from tfx.nn.stack import set_activation_checkpointing
     from tfx.train.loop import autocast_for, select_device, train_loop
 
     first = dist.rank() == 0
@@ -97,6 +98,7 @@ def _train(recipe, run_dir: Path, resume: str | None) -> dict:
         batches, validate = _prepare(task, tokenizer)
     torch.manual_seed(recipe.train.seed)  # the initial weights are a function of the seed
     model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir)
+    set_activation_checkpointing(model, recipe.train.activation_checkpointing)
     if recipe.init_from and not resume:
         init_encoder(model, load_run(recipe.init_from)[2], where=recipe.init_from, log=log)
     log(f"{run_dir}: {recipe.family} model with {sum(p.numel() for p in model.parameters()):,} parameters")

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from tfx.nn.stack import set_activation_checkpointing
+
 CEILING_SIZE = 2048  # square matmuls for the ceiling: as large as this machine's caches reward
 
 
@@ -118,6 +120,7 @@ def bench_train(recipe_path: str, *, overrides: list[str], steps: int, warmup: i
         batches, _ = task.prepare(tokenizer)
         torch.manual_seed(cfg.seed)
         model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir).to(device)
+        set_activation_checkpointing(model, cfg.activation_checkpointing)
         optimizer = OPTIMIZER.build(cfg.optimizer, model=model)
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         stepper = TrainStep(model, optimizer, cfg=cfg, autocast=autocast, scaler=scaler, device=device)

@@ -8,6 +8,9 @@ out; positions continue from the state's length, so a decode step needs no speci
   recomputes the whole prefix at each step (`recompute`, below);
 - memory tokens (rmt) read a block segment by segment (tfx/nn/memory/rmt.py);
 - a sink cache takes what overflows it a token at a time (tfx/nn/memory/sinks.py).
+
+`set_activation_checkpointing` (`train.activation_checkpointing`) makes `core` keep only each block's
+input while training and run the block again in the backward pass (`run_block`).
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from tfx.errors import UsageError
 from tfx.nn.dropout import Dropout
-from tfx.nn.attention.base import AttnSpec
+from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
 from tfx.nn.memory import sinks as streaming
 from tfx.nn.state import CrossKV, StackState
@@ -74,6 +79,7 @@ class TransformerStack(nn.Module):
             for i in range(n_layers)
         )
         self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.activation_checkpointing = False  # set_activation_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,11 +159,22 @@ class TransformerStack(nn.Module):
         inputs = []
         for i, (block, cache, kv) in enumerate(zip(self.blocks, caches, cross_kvs)):
             inputs.append(x)
-            x = block(x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv, cross_spec=cross_spec,
-                      memory=mems[i] if mems else None, recall=hooks[i] if hooks else None)
+            x = self.run_block(block, x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv,
+                               cross_spec=cross_spec, memory=mems[i] if mems else None,
+                               recall=hooks[i] if hooks else None)
         if memory is not None:  # the next segment's memory, from the inputs of each layer
             state.aux_loss = self.recurrence.carry(memory, inputs, self.blocks)
         return self.norm(x), state
+
+    def run_block(self, block: Block, x: Tensor, **kw) -> Tensor:
+        """One block; with activation checkpointing, while training with gradients, its activations
+        are dropped and recomputed in the backward pass (the RNG state is restored for that, so the
+        dropout masks are the same). A block that writes state as it runs (a cache, memorizing's kNN
+        store through its `recall` hook) is not run twice: it keeps its activations."""
+        if (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                and kw["cache"] is None and kw["recall"] is None):
+            return checkpoint(block, x, use_reentrant=False, **kw)
+        return block(x, **kw)
 
     def positions(self, tokens: Tensor, state: StackState | None, mems: list[Tensor] | None,
                   wrap: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int]:
@@ -204,3 +221,28 @@ def recompute(stack: TransformerStack, tokens: Tensor, state: StackState, key_pa
                  source_mask=source_mask)
     state.cross = again.cross
     return h[:, -T:], state
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> int:
+    """`train.activation_checkpointing`: switch it on (or off) in every TransformerStack of `model`
+    (encoder and decoder alike); returns how many stacks. Raises UsageError, naming the reason, for
+    a model whose blocks change state as they run, where running a block again would not give the
+    same loss and gradients."""
+    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+    if on and (problems := checkpointing_problems(stacks)):
+        raise UsageError("train.activation_checkpointing: " + "; ".join(problems) + "; or turn it off")
+    for stack in stacks:
+        stack.activation_checkpointing = on
+    return len(stacks)
+
+
+def checkpointing_problems(stacks: list[TransformerStack]) -> list[str]:
+    """Why running these stacks' blocks a second time would not repeat the first exactly (empty when
+    it would): the attention kernels' `checkpoint_problem`. A memory kind's hooks need no check here:
+    a block with one is not recomputed (TransformerStack.run_block)."""
+    out: list[str] = []
+    for stack in stacks:
+        for kernel in (m for m in stack.modules() if isinstance(m, AttentionKernel)):
+            if (why := kernel.checkpoint_problem()) is not None and why not in out:
+                out.append(why)
+    return out

@@ -8,7 +8,8 @@ DA's distance scaling, which only kernels that materialise scores can take).
 A kernel declares what it supports in class variables; `tfx recipe check` refuses combinations
 it cannot run and `tfx recipe kinds` prints them. A kernel that needs state other than a KV cache
 for generation (linear attention's running sums) returns it from `new_cache` and overrides
-`attend`; one that adds a training penalty (adaptive span) returns it from `aux_loss`.
+`attend`; one that adds a training penalty (adaptive span) returns it from `aux_loss`; one that
+changes its own state in a training forward says so in `checkpoint_problem`.
 """
 from __future__ import annotations
 
@@ -79,6 +80,12 @@ class AttentionKernel(nn.Module):
 
     def aux_loss(self) -> Tensor | None:
         """A penalty this kernel adds to the training loss (per token), or None."""
+        return None
+
+    def checkpoint_problem(self) -> str | None:
+        """Why a second run of this kernel's training forward (activation checkpointing recomputes it
+        in the backward pass, with the same RNG state) would not repeat the first exactly, or None:
+        state the kernel changes as it runs."""
         return None
 
     def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:

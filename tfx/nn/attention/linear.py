@@ -318,6 +318,13 @@ class PerformerAttention(KernelizedAttention):
         psi = torch.exp(logits - top[..., None])
         return psi, (None if query else top)
 
+    def checkpoint_problem(self) -> str | None:
+        if not self.cfg.redraw:
+            return None
+        return ("'performer' with redraw > 0 counts its training forwards to draw new random features, "
+                "so the recomputed forward would count twice and may use other features; set "
+                "model.attention.redraw = 0")
+
     def _maybe_redraw(self) -> None:
         if not (self.training and self.cfg.redraw and torch.is_grad_enabled()):
             return

@@ -62,6 +62,10 @@ class RoutingAttention(AttentionKernel):
         init = F.normalize(torch.randn(self.n_heads, cfg.n_clusters, self.d_head), dim=-1)
         self.register_buffer("centroids", init)  # (H, C, D) unit vectors
 
+    def checkpoint_problem(self) -> str | None:
+        return ("'routing' attention moves its k-means centroids in every training forward, so the "
+                "recomputed forward would route with other centroids (and move them twice)")
+
     def window(self, T: int) -> int:
         return min(T, self.cfg.window or math.ceil(T / self.cfg.n_clusters))
 
