@@ -40,6 +40,7 @@ def new_tokenizer(recipe, task, run_dir: Path):
 
 def train(recipe_path: str | None, *, overrides: list[str], out: str | None, resume: str | None) -> dict:
     """Train a new run from a recipe, or continue `resume` (a run directory) bit for bit."""
+    from tfx.train.launch import lost_contact
     from tfx.train.loop import select_device
 
     if resume:
@@ -64,8 +65,8 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     dist.check_recipe(recipe, dist.world())
-    with dist.process_group(select_device(recipe.train.device).type):
-        return _train(recipe, run_dir, resume)
+    with lost_contact(run_dir), dist.process_group(select_device(recipe.train.device).type):
+        return _train(recipe, run_dir, resume)  # a failed collective: one line, exit 1 (tfx.train.launch)
 
 
 def _train(recipe, run_dir: Path, resume: str | None) -> dict:
