@@ -320,9 +320,11 @@ class Trainer:
                 window_seen += seen
                 step = self.step
                 due = lambda every: every and step % every == 0  # noqa: E731
-                timed_out = time.perf_counter() >= deadline
+                timed_out, stopping = time.perf_counter() >= deadline, stop.signal is not None
+                if self.world > 1:  # the ranks agree: each got its signal, and keeps its clock, on its own
+                    timed_out, stopping = (x > 0 for x in dist.sum_numbers(float(timed_out), float(stopping)))
                 final = step == cfg.steps or timed_out
-                saving = due(cfg.save_every) or final or stop.signal
+                saving = due(cfg.save_every) or final or stopping
                 if due(cfg.log_every) or saving:
                     mean = self.checked_mean(dist.all_reduce_sum(window_loss), window_tokens)
                     elapsed = time.perf_counter() - window_start
@@ -342,8 +344,8 @@ class Trainer:
                 if timed_out and step < cfg.steps:
                     self.log(f"train.max_minutes ({cfg.max_minutes:g}) reached at step {step}; saved")
                     break
-                if stop.signal:
-                    name = signal.Signals(stop.signal).name
+                if stopping:
+                    name = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
                     self.log(f"{name}: saved step {step}; continue with: tfx train --resume {self.run_dir}")
                     break
         return last
