@@ -58,10 +58,10 @@ def main() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = [run(f"1 proc x {cores} thr", args.recipe, args.steps, [*args.sets, f"train.threads={cores}"],
+        results = [run(f"1 x {cores} thr", args.recipe, args.steps, [*args.sets, f"train.threads={cores}"],
                        work, None)]
         for parallel in ("ddp", "fsdp"):
-            name = f"{args.nproc} x {max(1, cores // args.nproc)} thr {parallel}"
+            name = f"{args.nproc}x{max(1, cores // args.nproc)} {parallel}"
             results.append(run(name, args.recipe, args.steps, [*args.sets, f"train.parallel={parallel}"], work,
                                args.nproc))
     print(f"{'':<22} {'val loss':>9} {'tokens/s':>10} {'wall s':>8}")
