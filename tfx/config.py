@@ -116,6 +116,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(16, gt=0)
     max_tokens: int | None = Field(None, gt=0)  # seq2seq/classifier: batches by token budget instead
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # small-data regularisers (training batches only): the probability of dropping an input token
+    # (word dropout) and the weight of R-Drop's symmetric KL between two dropout passes (0: off)
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rdrop: float = Field(0.0, ge=0.0)
     mask_prob: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: fraction of tokens to predict (80/10/10)
     eval_bleu: bool = False  # seq2seq: greedy BLEU on the validation split at each evaluation
     grad_accum: int = Field(1, gt=0)
@@ -131,6 +135,7 @@ class TrainConfig(Strict):
     # the validation metric that picks best.safetensors: loss (lower is better) or, where the family
     # reports them, accuracy / macro_f1 (classifier) or bleu / chrf (seq2seq with eval_bleu; higher is better)
     best_metric: Literal["loss", "accuracy", "macro_f1", "bleu", "chrf"] = "loss"
+    patience: int | None = Field(None, gt=0)  # stop after this many validations without a better best_metric
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast
