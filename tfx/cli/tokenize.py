@@ -23,6 +23,7 @@ def tokenize_train(
     """Train a tokenizer on FILES and save it to --out."""
     from tfx.config import validate_kind
     from tfx.data.datasets import read_documents
+    from tfx.data.stats import vocab_warning
     from tfx.data.tokenizers import train_tokenizer
     from tfx.registry import TOKENIZER
 
@@ -34,6 +35,9 @@ def tokenize_train(
     tok = train_tokenizer(cfg, docs)
     tok.save(out)
     err(f"{kind} tokenizer with {tok.vocab_size} ids written to {out}")
+    warning = vocab_warning(cfg, tok, docs, key="--")  # a vocabulary large for the text
+    if warning:
+        err(warning)
 
 
 def _load_tok(path: Path):
