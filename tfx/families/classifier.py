@@ -9,7 +9,8 @@ def build(recipe, vocab_size: int, run_dir=None):
     from tfx.tasks.classifier import read_labels
 
     # one id past the tokenizer's: [MASK], so that a masked-LM encoder fits (init_from)
-    return Classifier(recipe.model, vocab_size=vocab_size + 1, n_labels=len(read_labels(run_dir)))
+    return Classifier(recipe.model, vocab_size=vocab_size + 1, n_labels=len(read_labels(run_dir)),
+                      word_dropout=recipe.train.word_dropout, rdrop=recipe.train.rdrop)
 
 
 def task():

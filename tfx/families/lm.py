@@ -7,7 +7,8 @@ from tfx.families.base import Family, StackSpec, register
 def build(recipe, vocab_size: int, run_dir=None):
     from tfx.models.lm import LanguageModel
 
-    return LanguageModel(recipe.model, vocab_size=vocab_size)
+    return LanguageModel(recipe.model, vocab_size=vocab_size, word_dropout=recipe.train.word_dropout,
+                         rdrop=recipe.train.rdrop)
 
 
 def task():

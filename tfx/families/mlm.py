@@ -7,7 +7,8 @@ from tfx.families.base import Family, StackSpec, register
 def build(recipe, vocab_size: int, run_dir=None):
     from tfx.models.encoder import MaskedLM
 
-    return MaskedLM(recipe.model, vocab_size=vocab_size + 1, mask_prob=recipe.train.mask_prob)  # + [MASK]
+    return MaskedLM(recipe.model, vocab_size=vocab_size + 1, mask_prob=recipe.train.mask_prob,  # + [MASK]
+                    word_dropout=recipe.train.word_dropout, rdrop=recipe.train.rdrop)
 
 
 def task():

@@ -15,7 +15,8 @@ def build(recipe, vocab_size: int, run_dir=None):
 
         src_vocab = load_tokenizer(Path(run_dir) / "tokenizer-src").vocab_size
     return Seq2Seq(recipe.model, vocab_size=vocab_size, src_vocab_size=src_vocab,
-                   label_smoothing=recipe.train.label_smoothing)
+                   label_smoothing=recipe.train.label_smoothing, word_dropout=recipe.train.word_dropout,
+                   rdrop=recipe.train.rdrop)
 
 
 def task():

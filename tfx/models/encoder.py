@@ -1,7 +1,8 @@
 """Encoder-only models (Devlin et al., 2019): a masked-LM for pretraining and a classifier.
 
 Both name their stack `encoder`, so a classifier can start from a pretrained masked-LM run. The
-vocabulary has one id past the tokenizer's: [MASK] = vocab_size - 1.
+vocabulary has one id past the tokenizer's: [MASK] = vocab_size - 1. Both take the training-only
+regularisers of tfx/nn/regularisers.py (word dropout never drops [CLS] = BOS, EOS, pad or [MASK]).
 """
 from __future__ import annotations
 
@@ -10,17 +11,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfx.models.lm import IGNORE, head_loss, output_head
+from tfx.nn.regularisers import SPECIAL_IDS, rdrop_head_loss, rdrop_loss, twice
 from tfx.nn.stack import TransformerStack
+
+
+def encoder_stack(cfg, vocab_size: int, word_dropout: float) -> TransformerStack:
+    """The non-causal stack of both models; word dropout keeps the markers and [MASK] (the last id)."""
+    return TransformerStack(cfg, vocab_size=vocab_size, causal=False, word_dropout=word_dropout,
+                            keep_ids=SPECIAL_IDS + (vocab_size - 1,))
 
 
 class MaskedLM(nn.Module):
     """BERT's masked-LM objective: predict the masked positions of a non-causal encoder's input."""
 
-    def __init__(self, cfg, *, vocab_size: int, mask_prob: float = 0.15):
+    def __init__(self, cfg, *, vocab_size: int, mask_prob: float = 0.15, word_dropout: float = 0.0,
+                 rdrop: float = 0.0):
         super().__init__()
-        self.cfg, self.vocab_size, self.mask_prob = cfg, vocab_size, mask_prob
+        self.cfg, self.vocab_size, self.mask_prob, self.rdrop = cfg, vocab_size, mask_prob, rdrop
         self.mask_id = vocab_size - 1
-        self.encoder = TransformerStack(cfg, vocab_size=vocab_size, causal=False)
+        self.encoder = encoder_stack(cfg, vocab_size, word_dropout)
         self.head = output_head(cfg.d_model, vocab_size, self.encoder.embed if cfg.tie_embeddings else None)
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -29,7 +38,11 @@ class MaskedLM(nn.Module):
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
         """Summed loss over the masked positions; only their states go through the output head
-        (~15% of the tokens), as in BERT's reference pretraining code."""
+        (~15% of the tokens), as in BERT's reference pretraining code. R-Drop (training): two passes."""
+        if self.rdrop and self.training:
+            tokens, mask = twice(batch["input"], batch.get("mask"))
+            h, _ = self.encoder(tokens, key_padding_mask=mask)
+            return rdrop_head_loss(self.head, h, batch["target"], self.rdrop, ignore_index=IGNORE), {}, None
         h, _ = self.encoder(batch["input"], key_padding_mask=batch.get("mask"))
         target = batch["target"]
         picked = target != IGNORE
@@ -66,10 +79,10 @@ def mask_tokens(tokens: Tensor, *, prob: float, mask_id: int, vocab: int, specia
 class Classifier(nn.Module):
     """Text classification: a non-causal encoder, [CLS] (first token) or mean pooling, a linear head."""
 
-    def __init__(self, cfg, *, vocab_size: int, n_labels: int):
+    def __init__(self, cfg, *, vocab_size: int, n_labels: int, word_dropout: float = 0.0, rdrop: float = 0.0):
         super().__init__()
-        self.cfg, self.vocab_size, self.n_labels = cfg, vocab_size, n_labels
-        self.encoder = TransformerStack(cfg, vocab_size=vocab_size, causal=False)
+        self.cfg, self.vocab_size, self.n_labels, self.rdrop = cfg, vocab_size, n_labels, rdrop
+        self.encoder = encoder_stack(cfg, vocab_size, word_dropout)
         self.head = nn.Linear(cfg.d_model, n_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -85,6 +98,10 @@ class Classifier(nn.Module):
         return self.head(pooled)
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
+        """Summed cross-entropy over the examples; with R-Drop, while training, over two passes."""
+        if self.rdrop and self.training:
+            first, second = self(*twice(batch["input"], batch["mask"])).chunk(2)
+            return rdrop_loss(first, second, batch["label"], self.rdrop), {}, None
         logits = self(batch["input"], batch["mask"])
         return F.cross_entropy(logits.float(), batch["label"], reduction="sum"), {}, None
 

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tfx.errors import UsageError
 from tfx.nn.loss import linear_cross_entropy
+from tfx.nn.regularisers import rdrop_head_loss, twice
 from tfx.nn.stack import TransformerStack
 from tfx.nn.state import StackState
 
@@ -40,11 +42,15 @@ def head_loss(head: nn.Linear, h: Tensor, target: Tensor, label_smoothing: float
 class LanguageModel(nn.Module):
     """Next-token prediction over a causal TransformerStack."""
 
-    def __init__(self, cfg, *, vocab_size: int):
+    def __init__(self, cfg, *, vocab_size: int, word_dropout: float = 0.0, rdrop: float = 0.0):
+        """`word_dropout`, `rdrop`: the training-only regularisers of tfx/nn/regularisers.py."""
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.stack = TransformerStack(cfg, vocab_size=vocab_size, causal=True)
+        self.cfg, self.vocab_size, self.rdrop = cfg, vocab_size, rdrop
+        if rdrop and (memory := getattr(getattr(cfg, "memory", None), "kind", "none")) != "none":
+            raise UsageError(f"train.rdrop: R-Drop runs each batch twice side by side, which a segment memory "
+                             f"(model.memory.kind = {memory!r}) cannot carry; set train.rdrop = 0 "
+                             f"or model.memory.kind = \"none\"")
+        self.stack = TransformerStack(cfg, vocab_size=vocab_size, causal=True, word_dropout=word_dropout)
         self.head = output_head(cfg.d_model, vocab_size, self.stack.embed if cfg.tie_embeddings else None)
 
     @property
@@ -74,6 +80,9 @@ class LanguageModel(nn.Module):
     def loss(self, batch: dict, state: StackState | None = None) -> tuple[Tensor, dict, StackState | None]:
         """Summed cross-entropy over the batch's target tokens (the loop divides by the token count).
         With an XL memory the state carries it between consecutive segments; `reset` starts afresh."""
+        if self.rdrop and self.training:  # R-Drop: two passes side by side (no memory: refused above)
+            h, _ = self.stack(*twice(batch["input"]))
+            return rdrop_head_loss(self.head, h, batch["target"], self.rdrop, ignore_index=IGNORE), {}, None
         if self.stack.recurrent and (state is None or bool(batch.get("reset", False))):
             state = self.stack.new_memory()
         h, state = self.stack(batch["input"], state=state)

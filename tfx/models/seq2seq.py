@@ -2,12 +2,14 @@
 
 A non-causal encoder reads the padded source; a causal decoder with cross-attention predicts the
 target. With a joint vocabulary the source, target and output embeddings are one matrix.
+Training-only regularisers: label smoothing, word dropout on both inputs, R-Drop (tfx/nn/regularisers.py).
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from tfx.models.lm import IGNORE, head_loss, output_head
+from tfx.nn.regularisers import rdrop_head_loss, twice
 from tfx.nn.stack import TransformerStack
 from tfx.nn.state import CrossKV, StackState
 
@@ -15,17 +17,18 @@ from tfx.nn.state import CrossKV, StackState
 class Seq2Seq(nn.Module):
     """`loss(batch)` for training; `encode` + `forward(tokens, state)` for decoding."""
 
-    def __init__(self, cfg, *, vocab_size: int, src_vocab_size: int | None = None, label_smoothing: float = 0.0):
+    def __init__(self, cfg, *, vocab_size: int, src_vocab_size: int | None = None, label_smoothing: float = 0.0,
+                 word_dropout: float = 0.0, rdrop: float = 0.0):
         """`src_vocab_size`: a separate source vocabulary (then only the decoder's input and output
         embeddings can be tied)."""
         super().__init__()
-        self.cfg, self.vocab_size, self.label_smoothing = cfg, vocab_size, label_smoothing
+        self.cfg, self.vocab_size, self.label_smoothing, self.rdrop = cfg, vocab_size, label_smoothing, rdrop
         joint = src_vocab_size is None
         self.encoder = TransformerStack(cfg, vocab_size=vocab_size if joint else src_vocab_size, causal=False,
-                                        n_layers=cfg.encoder_layers)
+                                        n_layers=cfg.encoder_layers, word_dropout=word_dropout)
         shared = self.encoder.embed if cfg.tie_embeddings and joint else None
         self.decoder = TransformerStack(cfg, vocab_size=vocab_size, causal=True, n_layers=cfg.decoder_layers,
-                                        cross=True, embed=shared)
+                                        cross=True, embed=shared, word_dropout=word_dropout)
         self.head = output_head(cfg.d_model, vocab_size, self.decoder.embed if cfg.tie_embeddings else None)
 
     @property
@@ -49,10 +52,16 @@ class Seq2Seq(nn.Module):
         return self.head(h), state
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
-        """Summed (label-smoothed) cross-entropy over the real target tokens."""
-        source = self.encode(batch["src"], batch["src_mask"])
-        h, _ = self.decoder(batch["tgt_in"], source=source, source_mask=batch["src_mask"])
+        """Summed (label-smoothed) cross-entropy over the real target tokens; with R-Drop, while
+        training, over two passes of the batch at once (their mean, plus the KL term)."""
+        rdrop = self.rdrop if self.training else 0.0
+        src, src_mask, tgt_in = batch["src"], batch["src_mask"], batch["tgt_in"]
+        if rdrop:
+            src, src_mask, tgt_in = twice(src, src_mask, tgt_in)
+        h, _ = self.decoder(tgt_in, source=self.encode(src, src_mask), source_mask=src_mask)
         smoothing = self.label_smoothing if self.training else 0.0
+        if rdrop:
+            return rdrop_head_loss(self.head, h, batch["tgt_out"], rdrop, label_smoothing=smoothing), {}, None
         return head_loss(self.head, h, batch["tgt_out"], smoothing), {}, None
 
     @staticmethod

@@ -25,6 +25,7 @@ from tfx.nn.dropout import Dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
 from tfx.nn.memory import sinks as streaming
+from tfx.nn.regularisers import SPECIAL_IDS, WordDropout
 from tfx.nn.state import CrossKV, StackState
 from tfx.registry import ATTENTION, MEMORY, POSITION
 import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
@@ -34,11 +35,13 @@ class TransformerStack(nn.Module):
     """Embeddings -> position scheme -> N pre-norm blocks -> final norm.
 
     `cross=True` adds cross-attention to an encoder's output in every block (a seq2seq decoder);
-    `embed` shares an existing embedding table (tied source/target vocabularies).
+    `embed` shares an existing embedding table (tied source/target vocabularies); `word_dropout`
+    drops input tokens while training, never those in `keep_ids` (tfx/nn/regularisers.py).
     """
 
     def __init__(self, cfg, *, vocab_size: int, causal: bool, n_layers: int | None = None, cross: bool = False,
-                 embed: nn.Embedding | None = None):
+                 embed: nn.Embedding | None = None, word_dropout: float = 0.0,
+                 keep_ids: tuple[int, ...] = SPECIAL_IDS):
         super().__init__()
         self.cfg, self.causal, self.has_cross = cfg, causal, cross
         n_layers = n_layers or cfg.n_layers
@@ -58,6 +61,7 @@ class TransformerStack(nn.Module):
                                   max_len=cfg.context + self.recurrence.extra_positions, causal=causal,
                                   n_layers=n_layers)
         self.drop = Dropout(cfg.dropout)
+        self.word_drop = WordDropout(word_dropout, keep_ids)  # no parameters: the state_dict is unchanged
         d_ff = cfg.d_ff or default_d_ff(cfg.d_model, cfg.ffn)
         heads = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=d_head, bias=cfg.bias,
                      dropout=cfg.dropout)
@@ -149,7 +153,7 @@ class TransformerStack(nn.Module):
         self.pos.ensure(end)
         spec = AttnSpec(q_pos=q_pos, k_pos=k_pos, causal=self.causal, key_padding_mask=key_padding_mask,
                         bias=self.pos.bias(q_pos, k_pos))
-        x = self.embed(tokens)  # (B, T, d_model)
+        x = self.word_drop(self.embed(tokens), tokens)  # (B, T, d_model)
         if wrap is not None:
             x = torch.cat([wrap[0], x, wrap[1]], 1)  # (B, m + T + m, d_model)
         x = self.drop(self.pos.embed(x, q_pos))
