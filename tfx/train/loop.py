@@ -26,6 +26,7 @@ from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.rundir.files import BEST, METRICS
 from tfx.train import checkpoint as ckpt
 from tfx.train import distributed as dist
+from tfx.train import early_stop
 from tfx.train import sharded
 from tfx.train.precision import autocast_for, resolve_precision  # autocast_for: also re-exported
 from tfx.train.progress import Progress
@@ -190,6 +191,7 @@ class Trainer:
         self.step, self.position, self.best, self.last_saved = 0, DataPosition(), math.inf, 0
         self.states: list = [None] * cfg.grad_accum  # per micro-batch: a segment memory between steps, else None
         self.metrics_file = None
+        self.early = early_stop.EarlyStop(cfg.patience)  # validations without a better best_metric (train.patience)
 
     def restore(self) -> None:
         """Continue from the run's latest checkpoint: weights, optimizer, RNG, data position, memories."""
@@ -197,8 +199,10 @@ class Trainer:
             ckpt.require_sharded(self.run_dir)  # a DDP run's checkpoint does not load into FSDP shards
         trainer, extra = ckpt.load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer)
         self.step, self.position, self.best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
-        if trainer.get("best_metric", "loss") != self.cfg.best_metric:
+        same_metric = trainer.get("best_metric", "loss") == self.cfg.best_metric
+        if not same_metric:
             self.best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
+        self.early.restore(trainer, same_metric=same_metric)
         self.restore_rng(extra)
         for j, saved in enumerate(extra.get("memory") or []):
             if saved and j < len(self.states):  # the memory kind's State.save(), or an old run's list
@@ -260,7 +264,7 @@ class Trainer:
         if any(saved):  # so a resume continues the segment memory
             extra["memory"] = saved
         trainer = {"step": self.step, "data": asdict(self.position), "best": self.best,
-                   "best_metric": self.cfg.best_metric}
+                   "best_metric": self.cfg.best_metric, **self.early.state()}
         if self.sharded:
             ckpt.save_sharded_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
                                          weights=self.unsharded(), trainer=trainer, extra=extra,
@@ -279,9 +283,11 @@ class Trainer:
         self.log(f"step {self.step} | valid "
                  + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
         score = -result[metric] if metric in HIGHER_IS_BETTER else result[metric]
-        if score < self.best and self.rank == 0:  # `best` is kept as a number to lower, whatever the metric
+        improved = score < self.best  # `best` is kept as a number to lower, whatever the metric
+        if improved and self.rank == 0:
             self.best = score
             ckpt.save_weights(model, self.run_dir / BEST)
+        self.early.observe(self.step, improved)
         return result
 
     def checked_mean(self, loss_sum: torch.Tensor, tokens: int) -> float:
@@ -337,10 +343,16 @@ class Trainer:
                     model = self.unsharded()
                     if self.rank == 0:  # computed once; the other ranks wait for it
                         self.validate(model)
-                    dist.barrier()
+                    early = self.early.share(self.rank)  # rank 0's count and decision reach every rank
                     window_start = time.perf_counter()  # validation time is not training throughput
+                    if early:  # train.patience ran out: saved, so that --resume knows
+                        saving = True
+                        self.write(self.early.record(step, cfg.best_metric, self.best))
                 if saving:
                     self.save()
+                if self.early.stopped_at == step:
+                    self.log(self.early.stop_line(step, cfg.best_metric, self.best))
+                    break
                 if timed_out and step < cfg.steps:
                     self.log(f"train.max_minutes ({cfg.max_minutes:g}) reached at step {step}; saved")
                     break
@@ -354,11 +366,16 @@ class Trainer:
 def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], validate: Callable | None,
                run_dir: Path, resume: bool, log: Callable[[str], None]) -> dict:
     """Train `model` for cfg.steps optimizer steps; returns the last logged metrics."""
+    if note := early_stop.check(cfg, validation=validate is not None):  # refuses patience without validation
+        log(note)
     trainer = Trainer(cfg=cfg, model=model, validate=validate, run_dir=run_dir, log=log)
     if resume:
         trainer.restore()
     else:
         torch.manual_seed(cfg.seed + trainer.rank)
+    if trainer.early.spent():  # a resumed run whose patience ran out (it stopped early, or was lowered)
+        log(trainer.early.spent_line(trainer.step, cfg.best_metric, trainer.best))
+        return {}
     if trainer.step >= cfg.steps:
         log(f"nothing to do: the run is at step {trainer.step} of {cfg.steps} (raise train.steps with --set)")
         return {}
