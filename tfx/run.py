@@ -23,23 +23,34 @@ from tfx.train import distributed as dist
 
 def new_tokenizer(recipe, task, run_dir: Path):
     """Train the recipe's tokenizer (or take init_from's) and save it into the run."""
+    from tfx.data.stats import vocab_warning
     from tfx.data.tokenizers import load_tokenizer, train_tokenizer
 
     if recipe.init_from:
         shutil.copytree(Path(recipe.init_from) / TOKENIZER, run_dir / TOKENIZER, dirs_exist_ok=True)
         return load_tokenizer(run_dir / TOKENIZER)
     separate = recipe.src_tokenizer is not None
+
+    def trained(cfg, side: str, key: str):
+        texts = task.tokenizer_texts(side)
+        tok = train_tokenizer(cfg, texts)
+        warning = vocab_warning(cfg, tok, texts, key=key)  # a vocabulary large for the text (tfx.data.stats)
+        if warning:
+            log(warning)
+        return tok
+
     if separate:
         log(f"training the {recipe.src_tokenizer.kind} source tokenizer")
-        train_tokenizer(recipe.src_tokenizer, task.tokenizer_texts("src")).save(run_dir / SRC_TOKENIZER)
+        trained(recipe.src_tokenizer, "src", "src_tokenizer").save(run_dir / SRC_TOKENIZER)
     log(f"training the {recipe.tokenizer.kind} {'target ' if separate else ''}tokenizer")
-    tokenizer = train_tokenizer(recipe.tokenizer, task.tokenizer_texts("tgt" if separate else "joint"))
+    tokenizer = trained(recipe.tokenizer, "tgt" if separate else "joint", "tokenizer")
     tokenizer.save(run_dir / TOKENIZER)
     return tokenizer
 
 
 def train(recipe_path: str | None, *, overrides: list[str], out: str | None, resume: str | None) -> dict:
     """Train a new run from a recipe, or continue `resume` (a run directory) bit for bit."""
+    from tfx.train.early_stop import check as check_patience
     from tfx.train.launch import lost_contact
     from tfx.train.loop import select_device
 
@@ -65,6 +76,7 @@ def train(recipe_path: str | None, *, overrides: list[str], out: str | None, res
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     dist.check_recipe(recipe, dist.world())
+    check_patience(recipe.train)  # before the tokenizer and the data: what the recipe alone says
     with lost_contact(run_dir), dist.process_group(select_device(recipe.train.device).type):
         return _train(recipe, run_dir, resume)  # a failed collective: one line, exit 1 (tfx.train.launch)
 
