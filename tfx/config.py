@@ -116,10 +116,8 @@ class TrainConfig(Strict):
     batch_size: int = Field(16, gt=0)
     max_tokens: int | None = Field(None, gt=0)  # seq2seq/classifier: batches by token budget instead
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    # small-data regularisers (training batches only): the probability of dropping an input token
-    # (word dropout) and the weight of R-Drop's symmetric KL between two dropout passes (0: off)
-    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    rdrop: float = Field(0.0, ge=0.0)
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # drop an input token (training; tfx/nn/regularisers.py)
+    rdrop: float = Field(0.0, ge=0.0)  # R-Drop: weight of the symmetric KL between two dropout passes (0: off)
     mask_prob: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: fraction of tokens to predict (80/10/10)
     eval_bleu: bool = False  # seq2seq: greedy BLEU on the validation split at each evaluation
     grad_accum: int = Field(1, gt=0)
@@ -139,9 +137,7 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast
-    # world size above 1: "ddp" replicates the model on every rank; "fsdp" shards parameters, gradients and
-    # optimizer state per block (torch FSDP2) and keeps sharded torch.distributed.checkpoint checkpoints
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: per-block sharding, sharded checkpoints (tfx/train/sharded.py)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     optimizer: OptimizerKind = _default(OPTIMIZER, "adamw")
     schedule: ScheduleKind = _default(SCHEDULE, "cosine")

@@ -77,7 +77,8 @@ def sum_numbers(*values: float) -> list[float]:
     """Numbers summed over ranks (one collective for all of them), in float64."""
     if not active():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if nccl else "cpu")
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t.tolist()
 
