@@ -1,7 +1,9 @@
-"""LM batches as packed token blocks, in a seeded order that a checkpoint can resume exactly."""
+"""Training batches in a seeded order that a checkpoint can resume exactly: packed token blocks and
+lanes (lm, mlm), length buckets (seq2seq, classifier), and examples re-made each epoch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -91,24 +93,33 @@ class LengthBatches:
     Each epoch sorts the examples by length with a seeded jitter, cuts the order into batches
     whose padded size (count x longest) stays within `max_tokens` (or `batch_size` examples), and
     shuffles the batches with a seeded permutation; rank r of w takes every w-th batch.
+
+    With `resample` (subword sampling re-encodes the examples each epoch), epoch e orders the same
+    examples by the lengths `resample(e)` gives instead, a function of e alone, so a resume holds.
     """
 
     def __init__(self, lengths: list[int], *, seed: int, max_tokens: int | None = None, batch_size: int = 32,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, resample: Callable[[int], list[int]] | None = None):
+        self.seed, self.max_tokens, self.batch_size, self.rank, self.world = seed, max_tokens, batch_size, rank, world
+        self.lengths, self.resample = self._checked(lengths), resample
+
+    def _checked(self, lengths: list[int]) -> torch.Tensor:
         if not lengths:
             raise ValueError("no training examples")
-        if max_tokens is not None and max(lengths) > max_tokens:
-            raise ValueError(f"train.max_tokens ({max_tokens}) is smaller than the longest example "
+        if self.max_tokens is not None and max(lengths) > self.max_tokens:
+            raise ValueError(f"train.max_tokens ({self.max_tokens}) is smaller than the longest example "
                              f"({max(lengths)} tokens)")
-        self.lengths = torch.tensor(lengths, dtype=torch.float64)
-        self.seed, self.max_tokens, self.batch_size, self.rank, self.world = seed, max_tokens, batch_size, rank, world
+        return torch.tensor(lengths, dtype=torch.float64)
 
     def epoch(self, epoch: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        jitter = torch.rand(self.lengths.numel(), generator=g, dtype=torch.float64)
-        order = torch.argsort(self.lengths + jitter)  # similar lengths together, ties broken at random
+        sizes = self.lengths if self.resample is None else self._checked(self.resample(epoch))
+        if sizes.numel() != self.lengths.numel():
+            raise ValueError(f"epoch {epoch} has {sizes.numel()} examples, not {self.lengths.numel()}")
+        jitter = torch.rand(sizes.numel(), generator=g, dtype=torch.float64)
+        order = torch.argsort(sizes + jitter)  # similar lengths together, ties broken at random
         batches, start = [], 0
-        lengths = self.lengths[order].long().tolist()
+        lengths = sizes[order].long().tolist()
         while start < len(lengths):
             end, longest = start, 0
             while end < len(lengths):
@@ -131,6 +142,20 @@ class LengthBatches:
                 cursor += 1
                 yield batches[cursor - 1], DataPosition(epoch, cursor)
             epoch, cursor = epoch + 1, 0
+
+
+class PerEpoch:
+    """Epoch -> a value made by `make(epoch)`, a pure function of the epoch (the training examples,
+    sampled anew each epoch), made once per epoch: the latest epoch's is kept."""
+
+    def __init__(self, make: Callable[[int], object]):
+        self.make, self.epoch, self.value = make, None, None
+
+    def __call__(self, epoch: int):
+        if epoch != self.epoch:
+            self.epoch, self.value = None, None  # the last epoch's examples go before the next are made
+            self.value, self.epoch = self.make(epoch), epoch
+        return self.value
 
 
 def pad(rows: list[list[int]], value: int) -> torch.Tensor:

@@ -12,10 +12,10 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from tfx.errors import UsageError
 from tfx.registry import TOKENIZER, KindConfig
@@ -51,6 +51,27 @@ class SentencePieceConfig(KindConfig):
     # the folded text.
     lowercase: bool = False
     path: str | None = None
+    # Subword regularisation of training batches (seq2seq, classifier; evaluation, generation and `tfx
+    # tokenize` keep the best segmentation): each epoch re-encodes the training texts, seeded by (train.seed,
+    # epoch). bpe: BPE-dropout (Provilkov et al., 2020), sampling_alpha = the probability of dropping a merge,
+    # in (0, 1] (paper: 0.1); unigram: subword sampling (Kudo, 2018), sampling_alpha > 0 sharpens the
+    # segmentations' probabilities (paper: 0.1-0.5), nbest_size picks among the n best (-1: all). None: off.
+    sampling_alpha: float | None = Field(None, gt=0.0)
+    nbest_size: int = -1
+
+    @field_validator("sampling_alpha")
+    @classmethod
+    def _bpe_dropout_is_a_probability(cls, alpha: float | None, info: ValidationInfo) -> float | None:
+        if alpha is not None and alpha > 1 and info.data.get("model_type") == "bpe":
+            raise ValueError("for a bpe model sampling_alpha is the BPE-dropout probability of a merge, in (0, 1]")
+        return alpha
+
+    @field_validator("nbest_size")
+    @classmethod
+    def _nbest(cls, n: int) -> int:
+        if n in (0, 1) or n < -1 or n > 512:
+            raise ValueError("nbest_size is -1 (sample among all segmentations) or 2 to 512 (among the n best)")
+        return n
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -219,6 +240,7 @@ class SentencePieceTokenizer(Tokenizer):
         super().__init__(config or SentencePieceConfig())
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._sampler: tuple = (None, None)  # (alpha, nbest_size) and its SubwordSampler
         self.vocab_size = self._sp.get_piece_size()
         specials = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id())
         if specials != (0, 1, 2, 3):
@@ -260,13 +282,30 @@ class SentencePieceTokenizer(Tokenizer):
         return cls(cfg, model_proto=model.getvalue())
 
     def encode(self, text: str) -> list[int]:
-        lines = self._sp.encode(text.split("\n"), num_threads=os.cpu_count() or 1)
+        return self._join(self._sp.encode(text.split("\n"), num_threads=os.cpu_count() or 1))
+
+    def _join(self, lines: Iterable[list[int]]) -> list[int]:
+        """The ids of a text's lines, with the ``<nl>`` piece between them."""
         out: list[int] = []
         for i, ids in enumerate(lines):
             if i:
                 out.append(self.newline_id)
             out.extend(ids)
         return out
+
+    def encode_sampled(self, texts: list[str], *, alpha: float, nbest_size: int = -1, seed: int) -> list[list[int]]:
+        """A sampled segmentation of each text, laid out as by ``encode``: BPE-dropout for a bpe model,
+        unigram sampling for a unigram one; a function of (texts, alpha, nbest_size, seed) alone, in any
+        process (tfx.data.subword_sampling says why sentencepiece's own sampling is not)."""
+        from tfx.data.subword_sampling import SubwordSampler
+
+        key = (float(alpha), int(nbest_size))
+        if self._sampler[0] != key:  # kept: it remembers the words it has seen
+            self._sampler = (key, SubwordSampler(self._sp, model_type=self.config.model_type, alpha=alpha,
+                                                 nbest_size=nbest_size))
+        lines = [line for text in texts for line in text.split("\n")]
+        encoded = iter(self._sampler[1](lines, seed))
+        return [self._join(next(encoded) for _ in range(text.count("\n") + 1)) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         skip = {self.pad_id, self.bos_id, self.eos_id}
@@ -292,6 +331,31 @@ class SentencePieceTokenizer(Tokenizer):
         if not isinstance(name, str) or Path(name).name != name:
             raise ValueError(f"bad model_file {name!r}")
         return cls(cfg, model_proto=(directory / name).read_bytes())
+
+
+def training_sampler(cfg: KindConfig | None, tokenizer: Tokenizer,
+                     key: str = "tokenizer") -> Callable[[list[str], int], list[list[int]]] | None:
+    """The recipe's subword sampling of training texts, ``sample(texts, seed) -> ids``, or None where
+    ``cfg`` (the recipe's ``key`` table) sets no sampling_alpha; checked against the real model
+    (``path`` may name a saved one)."""
+    alpha = getattr(cfg, "sampling_alpha", None)
+    if alpha is None:
+        return None
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        raise UsageError(f"{key}.sampling_alpha: the run's {key} is a {tokenizer.kind} one; subword sampling "
+                         "needs a sentencepiece model")
+    if getattr(tokenizer.config, "model_type", "bpe") == "bpe" and alpha > 1:
+        raise UsageError(f"{key}.sampling_alpha: {alpha} for a bpe model ({key}.path holds one), whose "
+                         "sampling_alpha is the BPE-dropout probability of a merge, in (0, 1]")
+    nbest = cfg.nbest_size
+    return lambda texts, seed: tokenizer.encode_sampled(texts, alpha=alpha, nbest_size=nbest, seed=seed)
+
+
+def sampling_kind(tokenizer: Tokenizer, cfg: KindConfig) -> str:
+    """How `cfg` samples `tokenizer`'s segmentations, in words (for the log)."""
+    unigram = getattr(tokenizer.config, "model_type", "bpe") == "unigram"
+    return f"unigram sampling alpha {cfg.sampling_alpha:g}, nbest {cfg.nbest_size}" if unigram \
+        else f"BPE-dropout {cfg.sampling_alpha:g}"
 
 
 def train_tokenizer(cfg: KindConfig, texts: Iterable[str]) -> Tokenizer:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -16,7 +16,8 @@ from tfx.data.batching import LengthBatches, pad
 from tfx.errors import UsageError
 from tfx.metrics import classification_metrics
 from tfx.rundir.files import atomic_write_text
-from tfx.tasks.common import EvalOptions, GenerateSettings, Task, holdout_rows, holdout_source, log
+from tfx.tasks.common import (EvalOptions, GenerateSettings, Task, epoch_examples, holdout_rows, holdout_source, log,
+                              sampling_seed)
 
 EVAL_BATCH = 64
 LABELS = "labels.json"
@@ -61,6 +62,19 @@ class ClassifierTask(Task):
         context = self.recipe.model.context
         return [[tokenizer.bos_id] + tokenizer.encode(t)[: context - 1] for t in texts]
 
+    def sampler(self, tokenizer, texts: list[str]) -> Callable[[int], list[list[int]]] | None:
+        """Epoch -> the texts' rows as `encode` makes them, with segmentations sampled anew each epoch
+        (tokenizer.sampling_alpha, seeded by train.seed and the epoch); None where the recipe samples none."""
+        from tfx.data.tokenizers import sampling_kind, training_sampler
+
+        sample = training_sampler(self.recipe.tokenizer, tokenizer)
+        if sample is None:
+            return None
+        log(f"subword sampling: the training texts are segmented anew each epoch "
+            f"({sampling_kind(tokenizer, self.recipe.tokenizer)})")
+        cut, seed = self.recipe.model.context - 1, self.recipe.train.seed
+        return lambda epoch: [[tokenizer.bos_id] + ids[:cut] for ids in sample(texts, sampling_seed(seed, epoch))]
+
     def collate(self, tokenizer, rows: list[list[int]], labels: list[int] | None = None) -> dict:
         tokens = pad(rows, tokenizer.pad_id)
         batch = {"input": tokens, "mask": tokens != tokenizer.pad_id}
@@ -82,13 +96,17 @@ class ClassifierTask(Task):
         texts, labels = self.labelled("train", fetch=True)
         names = write_labels(self.run_dir, labels)
         rows, ids = self.encode(tokenizer, texts), self.label_ids(labels, names, "train")
-        order = LengthBatches([len(r) for r in rows], seed=recipe.train.seed, max_tokens=recipe.train.max_tokens,
-                              batch_size=recipe.train.batch_size)
+        budget = recipe.train.max_tokens
+        sample = self.sampler(tokenizer, texts)
+        of_epoch = epoch_examples(rows, sample, lambda row: budget is None or len(row) <= budget)
+        order = LengthBatches([len(r) for r in rows], seed=recipe.train.seed, max_tokens=budget,
+                              batch_size=recipe.train.batch_size,
+                              resample=None if sample is None else lambda epoch: [len(r) for r in of_epoch(epoch)])
 
         def batches(position) -> Iterator:
             for idx, pos in order.batches(position):
-                chosen = idx.tolist()
-                yield self.collate(tokenizer, [rows[i] for i in chosen], [ids[i] for i in chosen]), pos
+                chosen, current = idx.tolist(), of_epoch(pos.epoch)
+                yield self.collate(tokenizer, [current[i] for i in chosen], [ids[i] for i in chosen]), pos
 
         valid = self.labelled("valid", fetch=True)
         log(f"{len(rows):,} training examples, labels {', '.join(names)}"

@@ -90,11 +90,37 @@ def holdout_rows(n: int, fraction: float, split: str, *, seed: int, strata: list
     return [i for i in range(n) if (i in held) == (split != "train")]
 
 
+def sampling_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """The seed of epoch `epoch`'s sampled segmentations (`stream`: 0 the source or the text, 1 the
+    target), a function of (train.seed, epoch, stream) alone: a resumed run samples an epoch as the
+    uninterrupted one did, and under torchrun every rank samples the same global batches."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{stream}".encode()).digest()[:8], "little")
+
+
+def epoch_examples(fixed: list, sample: Callable[[int], list] | None, fits: Callable) -> Callable[[int], list]:
+    """Epoch -> the training examples: `fixed` (one deterministic encoding) every epoch, or with subword
+    sampling `sample(epoch)`, made once per epoch, where an example whose sample does not `fit` (the
+    context, train.max_tokens) keeps its fixed encoding, so every epoch has the same examples."""
+    if sample is None:
+        return lambda epoch: fixed
+    from tfx.data.batching import PerEpoch
+
+    return PerEpoch(lambda epoch: [s if fits(s) else f for s, f in zip(sample(epoch), fixed)])
+
+
 class Task:
     """Base of the family tasks; see tfx.tasks.lm for the reference implementation."""
 
+    # why the family's training data cannot take subword sampling (tokenizer.sampling_alpha); None: it can
+    no_sampling: str | None = None
+
     def __init__(self, recipe, run_dir=None):
         self.recipe, self.run_dir = recipe, run_dir
+        if self.no_sampling and getattr(getattr(recipe, "tokenizer", None), "sampling_alpha", None) is not None:
+            raise UsageError(f"tokenizer.sampling_alpha: subword sampling is for the sentence-level families "
+                             f"(seq2seq, classifier), not {recipe.family}: {self.no_sampling}; remove the key")
 
     def tokenizer_texts(self, side: str = "joint") -> list[str]:
         """The texts a new tokenizer is trained on (`side`: src or tgt for separate seq2seq ones)."""

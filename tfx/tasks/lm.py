@@ -10,6 +10,9 @@ from tfx.tasks.common import EvalOptions, GenerateSettings, Task, holdout_source
 
 
 class LMTask(Task):
+    no_sampling = ("its blocks are cut from one token stream of the whole text, encoded once and packed across "
+                   "sentences; tfx does not re-encode that stream each epoch")
+
     def _read(self, tokenizer, source: str, split: str) -> tuple[torch.Tensor, int]:
         from tfx.data.datasets import count_bytes, encode_documents, read_documents
 

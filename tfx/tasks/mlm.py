@@ -15,6 +15,9 @@ EVAL_BATCH = 64
 
 
 class MLMTask(Task):
+    no_sampling = ("its blocks are cut from one token stream of the documents, encoded once and packed across "
+                   "sentences; tfx does not re-encode that stream each epoch")
+
     def tokenizer_texts(self, side: str = "joint") -> list[str]:
         return self.documents("train", fetch=True)
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from tfx.data.batching import LengthBatches, pad
 from tfx.errors import UsageError
 from tfx.models.lm import IGNORE
-from tfx.tasks.common import EvalOptions, GenerateSettings, Task, holdout_rows, holdout_source, log
+from tfx.tasks.common import (EvalOptions, GenerateSettings, Task, epoch_examples, holdout_rows, holdout_source, log,
+                              sampling_seed)
 
 TRANSLATE_BATCH = 32  # sentences per decoding batch
 
@@ -58,20 +59,52 @@ class Seq2SeqTask(Task):
                 "tgt_in": pad([[bos] + t for _, t in examples], padding),
                 "tgt_out": pad([t + [eos] for _, t in examples], IGNORE)}
 
+    def sampler(self, tokenizer, src: list[str], tgt: list[str]) -> Callable[[int], list] | None:
+        """Epoch -> the pairs' ids as `encode` lays them out, with sampled segmentations where the recipe
+        samples subwords (tokenizer.sampling_alpha; src_tokenizer.sampling_alpha for a separate source
+        tokenizer); a side that does not sample keeps its best segmentation. None where neither does."""
+        from tfx.data.tokenizers import sampling_kind, training_sampler
+
+        r, src_tok = self.recipe, self.source_tokenizer(tokenizer)
+        src_key = "tokenizer" if r.src_tokenizer is None else "src_tokenizer"
+        on_src = training_sampler(getattr(r, src_key), src_tok, src_key)
+        on_tgt = training_sampler(r.tokenizer, tokenizer)
+        if on_src is None and on_tgt is None:
+            return None
+        log("subword sampling: the training pairs are segmented anew each epoch ("
+            + ", ".join(f"{side} {sampling_kind(tok, getattr(r, key))}" for side, key, tok, on in
+                        (("source", src_key, src_tok, on_src), ("target", "tokenizer", tokenizer, on_tgt)) if on)
+            + ")")
+
+        def sample(epoch: int) -> list[tuple[list[int], list[int]]]:
+            seed = r.train.seed
+            s = on_src(src, sampling_seed(seed, epoch, 0)) if on_src else [src_tok.encode(x) for x in src]
+            t = on_tgt(tgt, sampling_seed(seed, epoch, 1)) if on_tgt else [tokenizer.encode(x) for x in tgt]
+            return [(a + [src_tok.eos_id], b) for a, b in zip(s, t)]
+
+        return sample
+
     def prepare(self, tokenizer):
         recipe = self.recipe
         src, tgt = self.pairs("train", fetch=True)
         limit = min(recipe.model.context, recipe.data.max_len or recipe.model.context)
-        examples = [e for e in self.encode(tokenizer, src, tgt) if len(e[0]) <= limit and len(e[1]) + 1 <= limit]
-        if len(examples) < len(src):
-            log(f"dropped {len(src) - len(examples):,} training pairs longer than {limit} tokens")
-        sizes = [max(len(s), len(t) + 1) for s, t in examples]
-        order = LengthBatches(sizes, seed=recipe.train.seed, max_tokens=recipe.train.max_tokens,
-                              batch_size=recipe.train.batch_size)
+        budget = recipe.train.max_tokens
+        size = lambda e: max(len(e[0]), len(e[1]) + 1)  # noqa: E731
+        short = lambda e: len(e[0]) <= limit and len(e[1]) + 1 <= limit  # noqa: E731
+        fits = lambda e: short(e) and (budget is None or size(e) <= budget)  # noqa: E731
+        kept = [(s, t, e) for s, t, e in zip(src, tgt, self.encode(tokenizer, src, tgt)) if short(e)]
+        if len(kept) < len(src):
+            log(f"dropped {len(src) - len(kept):,} training pairs longer than {limit} tokens")
+        examples = [e for _, _, e in kept]
+        sample = self.sampler(tokenizer, [s for s, _, _ in kept], [t for _, t, _ in kept])
+        of_epoch = epoch_examples(examples, sample, fits)  # with sampling: the same pairs, segmented anew
+        resample = None if sample is None else lambda epoch: [size(e) for e in of_epoch(epoch)]
+        order = LengthBatches([size(e) for e in examples], seed=recipe.train.seed, max_tokens=budget,
+                              batch_size=recipe.train.batch_size, resample=resample)
 
         def batches(position) -> Iterator:
             for idx, pos in order.batches(position):
-                yield self.collate(tokenizer, [examples[i] for i in idx.tolist()]), pos
+                yield self.collate(tokenizer, [of_epoch(pos.epoch)[i] for i in idx.tolist()]), pos
 
         valid = self.pairs("valid", fetch=True)
         log(f"{len(examples):,} training pairs, {sum(len(t) + 1 for _, t in examples):,} target tokens, "
