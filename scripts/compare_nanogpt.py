@@ -57,17 +57,22 @@ def run_nanogpt(checkout: Path, data: Path, steps: int, eval_iters: int, work: P
 
 
 def run_tfx(recipe: str, data: Path, steps: int, extra: list[str], work: Path, name: str = "tfx") -> dict:
-    out = work / f"tfx-{name}"
-    sets = [f"data.train={data}", "data.holdout=0.1", 'data.corpus=""', f"train.steps={steps}",
-            f"train.eval_every={steps}", f"train.save_every={steps}", "train.log_every=1", *extra]
-    args = [sys.executable, "-m", "tfx", "train", recipe, "--out", str(out)]
-    for s in sets:
+    sets = [f"data.train={data}", "data.holdout=0.1", 'data.corpus=""', *extra]
+    return train_tfx(name, recipe, steps, sets, work / f"tfx-{name}")
+
+
+def train_tfx(name: str, recipe: str, steps: int, sets: list[str], out: Path, launch: tuple[str, ...] = ()) -> dict:
+    """`tfx train RECIPE [launch...]` for `steps` steps (validated and saved at the end, every step
+    logged), timed: its validation loss, median tokens/s past step 10, wall time and loss curve."""
+    args = [sys.executable, "-m", "tfx", "train", recipe, *launch, "--out", str(out)]
+    for s in [f"train.steps={steps}", f"train.eval_every={steps}", f"train.save_every={steps}", "train.log_every=1",
+              *sets]:
         args += ["--set", s]
     t0 = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"tfx failed:\n{proc.stderr[-2000:]}")
+        sys.exit(f"{name} failed:\n{proc.stderr[-2000:]}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "split" not in r and r["step"] > 10]
     val = [r for r in rows if r.get("split") == "valid"][-1]

@@ -13,39 +13,17 @@ agreement, not a speed-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_nanogpt import curve_table  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
+from compare_nanogpt import curve_table, train_tfx  # noqa: E402
 
 def run(name: str, recipe: str, steps: int, sets: list[str], work: Path, nproc: int | None) -> dict:
-    out = work / name
-    args = [sys.executable, "-m", "tfx", "train", recipe, "--out", str(out)]
-    if nproc:
-        args[4:4] = ["--nproc", str(nproc)]
-    for item in [f"train.steps={steps}", f"train.eval_every={steps}", f"train.save_every={steps}",
-                 "train.log_every=1", *sets]:
-        args += ["--set", item]
-    t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stderr[-2000:]}")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "split" not in r]
-    return {"name": name, "val_loss": [r for r in rows if r.get("split") == "valid"][-1]["loss"],
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train if r["step"] > 10),
-            "wall_s": wall, "curve": [(r["step"], r["loss"]) for r in train]}
+    return train_tfx(name, recipe, steps, sets, work / name.replace(" ", "-"),
+                     launch=("--nproc", str(nproc)) if nproc else ())
 
 
 def main() -> None:

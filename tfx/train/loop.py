@@ -175,6 +175,7 @@ class Trainer:
         self.sharded = cfg.parallel == "fsdp"  # sharded (DCP) checkpoints, at any world size
         self.fsdp = self.world > 1 and self.sharded
         self.replica = None  # FSDP: rank 0's unsharded copy, to validate and to write the full weights
+        self.gathered_at = -1  # the step whose weights the replica holds
         if self.fsdp:
             self.replica = copy.deepcopy(model) if self.rank == 0 else None
             self.parallel = sharded.shard(model)
@@ -245,10 +246,11 @@ class Trainer:
         with the weights gathered into it (a collective; the other ranks get None)."""
         if not self.fsdp:
             return self.model if self.rank == 0 else None
-        weights = sharded.full_weights(self.parallel)
-        if self.replica is None:
-            return None
-        self.replica.load_state_dict(weights)
+        if self.gathered_at != self.step:  # a step that validates and saves gathers once
+            weights = sharded.full_weights(self.parallel)
+            if self.replica is not None:
+                self.replica.load_state_dict(weights)
+            self.gathered_at = self.step
         return self.replica
 
     def write(self, record: dict) -> None:
