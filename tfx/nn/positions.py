@@ -30,11 +30,18 @@ class PositionScheme(nn.Module):
     relative = False         # only distances matter (memory before a segment, sinks re-positioned in a cache)
 
     def __init__(self, cfg, *, d_model: int, d_head: int, n_heads: int, max_len: int, causal: bool,
-                 n_layers: int = 1):
+                 n_layers: int = 1, grid: tuple[int, int, int] | None = None):
+        """`grid`: the training images' (rows, cols, prefix) patch grid (see AttnSpec.grid), None for text."""
         super().__init__()
         self.cfg = cfg
         self.d_model, self.d_head, self.n_heads = d_model, d_head, n_heads
         self.max_len, self.causal, self.n_layers = max_len, causal, n_layers
+        self.train_grid = self.grid = grid
+
+    def use_grid(self, grid: tuple[int, int, int] | None) -> None:
+        """Called by the stack before a pass over images with their (rows, cols, prefix) grid: a 2-D
+        scheme places positions (absolute indices, raster order after the prefix) on it."""
+        self.grid = grid
 
     def ensure(self, length: int) -> None:
         """Called once per forward with the largest position + 1 (a Python int, no host sync)."""

@@ -37,11 +37,13 @@ class TransformerStack(nn.Module):
     `cross=True` adds cross-attention to an encoder's output in every block (a seq2seq decoder);
     `embed` shares an existing embedding table (tied source/target vocabularies); `word_dropout`
     drops input tokens while training, never those in `keep_ids` (tfx/nn/regularisers.py).
+    Images (the vit family): `vocab_size=0` builds no token table (the model passes `embeds`, its
+    patch embeddings, to `forward`), and `grid` is the training images' (rows, cols, prefix) grid.
     """
 
     def __init__(self, cfg, *, vocab_size: int, causal: bool, n_layers: int | None = None, cross: bool = False,
                  embed: nn.Embedding | None = None, word_dropout: float = 0.0,
-                 keep_ids: tuple[int, ...] = SPECIAL_IDS):
+                 keep_ids: tuple[int, ...] = SPECIAL_IDS, grid: tuple[int, int, int] | None = None):
         super().__init__()
         self.cfg, self.causal, self.has_cross = cfg, causal, cross
         n_layers = n_layers or cfg.n_layers
@@ -56,10 +58,10 @@ class TransformerStack(nn.Module):
         d_head = cfg.d_head or cfg.d_model // cfg.n_heads
         n_kv = cfg.n_kv_heads or cfg.n_heads
         self.n_kv_heads, self.d_head, self.n_layers = n_kv, d_head, n_layers
-        self.embed = embed if embed is not None else nn.Embedding(vocab_size, cfg.d_model)
+        self.embed = embed if embed is not None else nn.Embedding(vocab_size, cfg.d_model) if vocab_size else None
         self.pos = POSITION.build(cfg.position, d_model=cfg.d_model, d_head=d_head, n_heads=cfg.n_heads,
                                   max_len=cfg.context + self.recurrence.extra_positions, causal=causal,
-                                  n_layers=n_layers)
+                                  n_layers=n_layers, **({"grid": grid} if grid is not None else {}))
         self.drop = Dropout(cfg.dropout)
         self.word_drop = WordDropout(word_dropout, keep_ids)  # no parameters: the state_dict is unchanged
         d_ff = cfg.d_ff or default_d_ff(cfg.d_model, cfg.ffn)
@@ -129,9 +131,13 @@ class TransformerStack(nn.Module):
         """A StreamingLLM state (tfx/nn/memory/sinks.py)."""
         return streaming.new_stream_state(self, batch, sinks=sinks, window=window, device=device, dtype=dtype)
 
-    def forward(self, tokens: Tensor, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
-                source: Tensor | None = None, source_mask: Tensor | None = None) -> tuple[Tensor, StackState | None]:
-        """(B, T) tokens -> (B, T, d_model), through the driver the state and memory kind need."""
+    def forward(self, tokens: Tensor | None, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
+                source: Tensor | None = None, source_mask: Tensor | None = None, embeds: Tensor | None = None,
+                grid: tuple[int, int, int] | None = None) -> tuple[Tensor, StackState | None]:
+        """(B, T) tokens -> (B, T, d_model), through the driver the state and memory kind need;
+        images give `embeds` (B, T, d_model) instead of tokens, and their `grid` (AttnSpec.grid)."""
+        if embeds is not None:
+            return self.core(None, state, key_padding_mask=key_padding_mask, embeds=embeds, grid=grid)
         if state is not None and state.tokens is not None:
             return recompute(self, tokens, state, key_padding_mask, source, source_mask)
         if self.recurrence.wraps:
@@ -142,18 +148,21 @@ class TransformerStack(nn.Module):
 
     def core(self, tokens: Tensor, state: StackState | None = None, *, key_padding_mask: Tensor | None = None,
              source: Tensor | None = None, source_mask: Tensor | None = None,
-             wrap: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, StackState | None]:
+             wrap: tuple[Tensor, Tensor] | None = None, embeds: Tensor | None = None,
+             grid: tuple[int, int, int] | None = None) -> tuple[Tensor, StackState | None]:
         """One pass: (B, T) tokens -> (B, T, d_model). A cross stack attends to `source` (B, S, d_model)
         or to the keys/values the state kept from the first call; a memory state gives each layer its
         memory and takes the next. `wrap` = (before, after) (B, m, d_model) embeddings around the
-        tokens (memory tokens); the output then covers them too."""
+        tokens (memory tokens); the output then covers them too. `embeds` (B, T, d_model) replace the
+        tokens' embeddings (images), on the (rows, cols, prefix) `grid` they give."""
         memory = state.memory if state is not None else None
         mems = self.recurrence.memories(memory) if memory is not None else None
-        q_pos, k_pos, end = self.positions(tokens, state, mems, wrap)
+        q_pos, k_pos, end = self.positions(tokens if embeds is None else embeds, state, mems, wrap)
+        self.pos.use_grid(grid)
         self.pos.ensure(end)
         spec = AttnSpec(q_pos=q_pos, k_pos=k_pos, causal=self.causal, key_padding_mask=key_padding_mask,
-                        bias=self.pos.bias(q_pos, k_pos))
-        x = self.word_drop(self.embed(tokens), tokens)  # (B, T, d_model)
+                        bias=self.pos.bias(q_pos, k_pos), grid=grid)
+        x = self.word_drop(self.embed(tokens), tokens) if embeds is None else embeds  # (B, T, d_model)
         if wrap is not None:
             x = torch.cat([wrap[0], x, wrap[1]], 1)  # (B, m + T + m, d_model)
         x = self.drop(self.pos.embed(x, q_pos))

@@ -30,6 +30,9 @@ class AttnSpec:
     bias: Tensor | None = None        # (1|B, H, Tq, Tk) additive
     rel_values: tuple[Tensor, Tensor] | None = None  # Shaw: (R, D) table, (Tq, Tk) index into it
     score_scale: Tensor | None = None  # DA: scores = relu(scores) * scale, (1|B, H, Tq, Tk)
+    # images (the vit family): (rows, cols, prefix) = `prefix` tokens ([CLS]) then a rows x cols grid
+    # of patches in raster order; None for text
+    grid: tuple[int, int, int] | None = None
 
     @property
     def plain(self) -> bool:
