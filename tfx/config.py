@@ -37,6 +37,7 @@ def import_kinds() -> None:
     import tfx.nn.attention  # noqa: F401
     import tfx.nn.memory  # noqa: F401
     import tfx.nn.positions  # noqa: F401
+    import tfx.nn.positions_2d  # noqa: F401
     import tfx.nn.relative  # noqa: F401
     import tfx.train.optim  # noqa: F401
 
