@@ -19,7 +19,7 @@ def model_for(position: str, **model):
     return build_model(recipe, vocab_size=V).double().eval()
 
 
-SCHEMES = POSITION.names()
+SCHEMES = [p for p in POSITION.names() if not POSITION.get(p).images_only]  # the 2-D ones: tests/test_vit.py
 VARIANTS = {
     "mha-layernorm-gelu": {},
     "gqa-rmsnorm-swiglu": {"n_kv_heads": 2, "norm": "rmsnorm", "ffn": "swiglu", "bias": False},

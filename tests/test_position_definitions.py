@@ -180,6 +180,9 @@ DEFINITIONS = {
     "xl": "test_positions:test_xl_scores_are_content_plus_relative_position_terms",
     "da": "test_positions:test_da_rescales_relu_scores_by_a_learned_sigmoid_of_distance",
     "t5": "test_positions:test_t5_buckets_by_hand",
+    "learned_2d": "test_positions_2d:test_learned_2d_adds_the_table_at_the_training_grid",
+    "sinusoidal_2d": "test_positions_2d:test_sinusoidal_2d_is_a_row_table_then_a_column_table",
+    "rope_2d": "test_positions_2d:test_rope_2d_scores_depend_only_on_row_and_column_offsets",
 }
 
 

@@ -34,6 +34,7 @@ def _default(reg: Registry, default: str) -> Any:
 def import_kinds() -> None:
     """Import every module that registers a kind, so the registries are complete."""
     import tfx.data.tokenizers  # noqa: F401
+    import tfx.data.image_codec  # noqa: F401
     import tfx.nn.attention  # noqa: F401
     import tfx.nn.memory  # noqa: F401
     import tfx.nn.positions  # noqa: F401
@@ -97,6 +98,7 @@ class ModelConfig(Strict):
     encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
     decoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
     pool: Literal["cls", "mean"] = "cls"            # classifier: the [CLS] (first) token or the mean
+    patch: int = Field(4, gt=0)                     # vit: patches of patch x patch pixels
     attention: AttentionKind = _default(ATTENTION, "dense")
     position: PositionKind = _default(POSITION, "learned")
     memory: MemoryKind = _default(MEMORY, "none")
@@ -173,6 +175,24 @@ class Recipe(Strict):
         if value not in FAMILY:
             raise ValueError(FAMILY.unknown_message(value).replace("family kind", "family"))
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_tokenizer(cls, raw: Any) -> Any:
+        """A family that reads images takes the image "tokenizer" (tfx/data/image_codec.py) by default."""
+        if isinstance(raw, dict) and raw.get("family") in FAMILY and family_of(raw["family"]).images \
+                and "tokenizer" not in raw:
+            return {**raw, "tokenizer": {"kind": "image"}}
+        return raw
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "Recipe":
+        images = family_of(self).images
+        if images != (self.tokenizer.kind == "image"):
+            raise ValueError(f"tokenizer.kind = {self.tokenizer.kind!r}: family {self.family!r} reads "
+                             + ("images; its [tokenizer] is kind = \"image\" (or leave the table out)" if images
+                                else "text; kind \"image\" is for the vit family"))
+        return self
 
     @model_validator(mode="after")
     def _best_metric(self) -> "Recipe":

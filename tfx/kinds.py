@@ -50,6 +50,12 @@ def problems(recipe) -> list[str]:
     if pos.needs_score_mods and not kernel.supports_score_mods:
         out.append(f"model.position.kind: {position!r} needs the attention weights themselves "
                    f"(relative values or distance scaling), which only the dense kernel materialises")
+    if not family.images and getattr(kernel, "needs_grid", False):
+        out.append(f"model.attention.kind: {kind!r} works on a grid of image patches; a {recipe.family} model "
+                   f"reads text (use it with family = \"{_families_with('images')}\")")
+    if not family.images and pos.images_only:
+        out.append(f"model.position.kind: {position!r} places positions on a grid of image patches; a "
+                   f"{recipe.family} model reads text (1-D schemes: learned, sinusoidal, rope, ...)")
     if recipe.data.blocks != "auto" and not family.blocks:
         out.append(f"data.blocks: {recipe.data.blocks!r} is for the {_families_with('blocks')} family "
                    f"(it orders an LM's training blocks)")

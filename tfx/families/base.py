@@ -35,6 +35,7 @@ class Family:
     blocks: bool = False    # data.blocks orders its training blocks (a token stream)
     continues_text: bool = False  # decoder-only: kNN-LM, attention-sink streaming, bench generate
     two_sided: bool = False  # source and target text (PREFIX.src + PREFIX.tgt files, src_tokenizer)
+    images: bool = False     # reads images: its tokenizer is the ImageCodec (tokenizer.kind = "image")
     stack_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:

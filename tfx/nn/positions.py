@@ -28,6 +28,8 @@ class PositionScheme(nn.Module):
     needs_score_mods = False  # adjust sets rel_values / score_scale: needs supports_score_mods
     extrapolates = True      # defined for positions past max_len
     relative = False         # only distances matter (memory before a segment, sinks re-positioned in a cache)
+    any_grid = False         # images: defined on a patch grid of another size than the training one
+    images_only = False      # defined on a patch grid only (the 2-D schemes): refused for text families
 
     def __init__(self, cfg, *, d_model: int, d_head: int, n_heads: int, max_len: int, causal: bool,
                  n_layers: int = 1, grid: tuple[int, int, int] | None = None):
@@ -68,6 +70,7 @@ class NoPositions(PositionScheme):
     """No position information (a causal decoder can still infer order; Haviv et al. 2022)."""
 
     relative = True
+    any_grid = True
 
 
 class SinusoidalConfig(KindConfig):

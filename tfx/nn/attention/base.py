@@ -56,6 +56,7 @@ class AttentionKernel(nn.Module):
     supports_score_mods: ClassVar[bool] = False  # takes spec.rel_values and spec.score_scale
     supports_padding: ClassVar[bool] = True      # takes spec.key_padding_mask
     complexity: ClassVar[str] = "O(T^2)"        # time per sequence, for `tfx recipe kinds`
+    needs_grid: ClassVar[bool] = False           # works on a patch grid (spec.grid) only: images
 
     def __init__(self, cfg, *, n_heads: int, d_head: int, dropout: float = 0.0, max_len: int = 0,
                  layer: int = 0, shared: dict | None = None):

@@ -172,6 +172,7 @@ class WindowAttention(AttentionKernel):
     supports_bias = False
     supports_padding = False
     complexity = "O(N·w²)"
+    needs_grid = True
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
