@@ -21,7 +21,9 @@ def test_there_are_shipped_recipes():
 
 
 def tiny_batch(family: str, context: int) -> dict:
-    """Random token ids in the shape each family's loss takes."""
+    """Random token ids (images: pixels) in the shape each family's loss takes."""
+    if family == "vit":
+        return {"image": torch.randn(2, 1, 28, 28), "label": torch.tensor([0, 1])}
     x = torch.randint(4, 50, (2, context + 1))
     if family == "lm":
         return {"input": x[:, :-1], "target": x[:, 1:]}
@@ -39,8 +41,14 @@ def tiny_batch(family: str, context: int) -> dict:
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_recipe_builds_tiny_and_takes_a_step(path: Path, precision: str, tmp_path):
-    recipe = load_recipe(path, [*TINY, f"train.precision={precision}"], files=False)
+    images = load_recipe(path, [], files=False).family == "vit"  # 28 x 28: 49 patches of 4 + [CLS]
+    recipe = load_recipe(path, [*TINY, f"train.precision={precision}", *(["model.context=64"] if images else [])],
+                         files=False)
     (tmp_path / "labels.json").write_text('["neg", "pos"]')
+    if images:
+        from tfx.data.image_codec import ImageCodec, ImageConfig
+
+        ImageCodec(ImageConfig(), height=28, width=28, channels=1, mean=[0.3], std=[0.3]).save(tmp_path / "tokenizer")
     torch.manual_seed(0)
     model = build_model(recipe, vocab_size=50, run_dir=tmp_path)
     opt = OPTIMIZER.build(recipe.train.optimizer, model=model)
@@ -50,7 +58,7 @@ def test_recipe_builds_tiny_and_takes_a_step(path: Path, precision: str, tmp_pat
         loss, _, _ = model.loss(batch)
     (loss / model.count_tokens(batch)).backward()
     opt.step()
-    classes = 2 if recipe.family == "classifier" else 50
+    classes = 2 if recipe.family in ("classifier", "vit") else 50
     per_token = float(loss.detach()) / model.count_tokens(batch)
     assert torch.isfinite(loss) and abs(per_token - torch.log(torch.tensor(float(classes)))) < 0.6
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]

@@ -13,6 +13,7 @@ them); a file that differs, cannot be decoded or is not an image is a ValueError
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def read_npz(path: Path) -> ImageSet:
                 raise ValueError(f"{path}: an image .npz needs arrays 'images' and 'labels' (has {', '.join(z.files)})")
             images, labels = z["images"], z["labels"]
             classes = z["classes"].tolist() if "classes" in z else None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
     except ValueError as exc:
         raise ValueError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
