@@ -24,6 +24,7 @@ VARIANTS = {
     "mha-layernorm-gelu": {},
     "gqa-rmsnorm-swiglu": {"n_kv_heads": 2, "norm": "rmsnorm", "ffn": "swiglu", "bias": False},
     "mqa-relu-untied": {"n_kv_heads": 1, "ffn": "relu", "tie_embeddings": False},
+    "dwconv": {"ffn": "dwconv"},  # a causal 3-tap depthwise conv in the FFN: generation recomputes the prefix
 }
 
 

@@ -177,3 +177,12 @@ def test_a_resumed_run_sees_the_same_augmented_batches(image_data, tmp_path):
                 if "loss" in r and "step" in r and "valid" not in json.dumps(r)]
 
     assert len(losses("whole")) == 6 and losses("cut") == losses("whole")
+
+
+def test_an_efficientvit_block_relu_linear_attention_and_dwconv_trains_on_any_grid():
+    model = vit("rope_2d", pool="mean", attention={"kind": "linear", "feature": "relu"}, ffn="dwconv").train()
+    images = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    loss, _, _ = model.loss({"image": images, "label": torch.tensor([0, 1, 2, 0])})
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.eval()(torch.randn(1, 2, 12, 8, dtype=torch.float64)).shape == (1, 3)

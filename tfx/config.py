@@ -92,7 +92,7 @@ class ModelConfig(Strict):
     attn_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on attention weights (forces SDPA's slower path)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0)
-    ffn: Literal["gelu", "relu", "swiglu"] = "gelu"
+    ffn: Literal["gelu", "relu", "swiglu", "dwconv"] = "gelu"  # dwconv: EfficientViT's (tfx/nn/dwconv.py)
     bias: bool = True
     tie_embeddings: bool = True
     encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)

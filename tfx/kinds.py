@@ -56,6 +56,9 @@ def problems(recipe) -> list[str]:
     if not family.images and pos.images_only:
         out.append(f"model.position.kind: {position!r} places positions on a grid of image patches; a "
                    f"{recipe.family} model reads text (1-D schemes: learned, sinusoidal, rope, ...)")
+    if m.ffn == "dwconv" and m.memory.kind != "none":
+        out.append(f"model.ffn: 'dwconv' mixes neighbouring positions, which a segment memory "
+                   f"({m.memory.kind!r}) does not keep across segments; use gelu, relu or swiglu")
     if recipe.data.blocks != "auto" and not family.blocks:
         out.append(f"data.blocks: {recipe.data.blocks!r} is for the {_families_with('blocks')} family "
                    f"(it orders an LM's training blocks)")

@@ -42,23 +42,36 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: GELU or ReLU (Vaswani et al., 2017) or SwiGLU (Shazeer, 2020)."""
+    """Position-wise MLP: GELU or ReLU (Vaswani et al., 2017) or SwiGLU (Shazeer, 2020); or
+    EfficientViT's (Cai et al., 2023) with a depthwise convolution between its two layers
+    (`dwconv`: up, GELU, depthwise conv over the grid or the sequence, GELU, down; tfx/nn/dwconv.py)."""
 
-    def __init__(self, *, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float):
+    def __init__(self, *, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float, two_d: bool = False):
         super().__init__()
         self.kind = kind
         width = 2 * d_ff if kind == "swiglu" else d_ff  # SwiGLU: gate and value in one matmul
         self.up = nn.Linear(d_model, width, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.drop = Dropout(dropout)
+        if kind == "dwconv":
+            from tfx.nn.dwconv import DepthwiseMix
 
-    def forward(self, x: Tensor) -> Tensor:
+            self.mix = DepthwiseMix(d_ff, two_d=two_d)
+
+    @property
+    def local(self) -> bool:
+        """Mixes neighbouring positions (dwconv): a KV cache alone cannot extend it."""
+        return self.kind == "dwconv"
+
+    def forward(self, x: Tensor, spec: AttnSpec | None = None) -> Tensor:
         h = self.up(x)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         elif self.kind == "relu":
             h = F.relu(h)
+        elif self.kind == "dwconv":
+            h = F.gelu(self.mix(F.gelu(h), spec))
         else:
             h = F.gelu(h)
         return self.drop(self.down(h))
@@ -184,7 +197,7 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache, memory=memory, recall=recall)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), cross_kv, cross_spec)
-        return x + self.ffn(self.norm2(x))
+        return x + self.ffn(self.norm2(x), spec)
 
     def frozen_attention(self, queries: Tensor | int, states: Tensor) -> tuple[Tensor, Tensor]:
         """This layer's attention with its weights frozen and no positions (Attention.content), the

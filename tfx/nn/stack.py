@@ -78,7 +78,8 @@ class TransformerStack(nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 attn=Attention(**heads, kernel=kernel(cfg.attention, i), layer=i),
-                ffn=FeedForward(d_model=cfg.d_model, d_ff=d_ff, kind=cfg.ffn, bias=cfg.bias, dropout=cfg.dropout),
+                ffn=FeedForward(d_model=cfg.d_model, d_ff=d_ff, kind=cfg.ffn, bias=cfg.bias, dropout=cfg.dropout,
+                                two_d=grid is not None),
                 norm=cfg.norm, d_model=cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias,
                 cross=CrossAttention(**heads, kernel=kernel(dense, i)) if cross else None,
             )
@@ -103,7 +104,8 @@ class TransformerStack(nn.Module):
     @property
     def supports_cache(self) -> bool:
         """Whether generation can extend per-layer caches (else it keeps the tokens and recomputes)."""
-        return all(block.attn.kernel.supports_cache for block in self.blocks) and not self.recurrence.wraps
+        return (all(block.attn.kernel.supports_cache and not block.ffn.local for block in self.blocks)
+                and not self.recurrence.wraps)
 
     def new_memory(self) -> StackState:
         """An empty segment-memory state: the first segment has no memory, later ones do."""

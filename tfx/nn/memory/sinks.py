@@ -117,4 +117,6 @@ def stream_problems(stack) -> list[str]:
                    f"attention does not use")
     if stack.recurrent:
         out.append("attention sinks and a segment memory (model.memory) do not combine")
+    if any(block.ffn.local for block in stack.blocks):
+        out.append("attention sinks keep no hidden states for the 'dwconv' feed-forward's neighbours")
     return out
