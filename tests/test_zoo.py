@@ -19,7 +19,7 @@ from tfx.registry import ATTENTION, POSITION
 
 import_kinds()
 V, T = 19, 14
-FAMILIES = tuple(family_names())  # lm, seq2seq, classifier, mlm, vit
+FAMILIES = tuple(family_names())  # lm, seq2seq, classifier, mlm, vit, mim
 
 # small settings so that a 14-token sequence crosses every part of each kind's pattern
 PARAMS: dict[str, dict] = {
@@ -42,7 +42,7 @@ def recipe_for(kind: str, position: str, family: str = "lm", **model):
     if family == "seq2seq":
         del cfg["n_layers"]
         cfg.update(encoder_layers=1, decoder_layers=2)
-    if family == "vit":  # 6 x 6 images, patches of 2: a 3 x 3 grid, mean pooling (window attention has no [CLS])
+    if family in ("vit", "mim"):  # 6 x 6 images, patches of 2: a 3 x 3 grid, mean pooling (window attention has no [CLS])
         cfg.update(patch=2, pool="mean")
     return validate({"family": family, "data": {"train": "x.txt"}, "model": cfg})
 
@@ -145,6 +145,8 @@ def batch_for(family: str) -> dict:
     g = torch.Generator().manual_seed(3)
     if family == "vit":
         return {"image": torch.randn(2, 1, 6, 6, generator=g), "label": torch.tensor([0, 1])}
+    if family == "mim":
+        return {"image": torch.randn(2, 1, 6, 6, generator=g), "masked": torch.rand(2, 9, generator=g) < 0.5}
     tokens = torch.randint(4, V, (2, 10), generator=g)
     mask = torch.tensor([[True] * 10, [True] * 7 + [False] * 3])
     if family == "lm":
@@ -184,7 +186,7 @@ def step_combos():
 def test_every_kind_and_position_takes_a_training_step_in_every_family(kind, position, family, tmp_path):
     recipe = recipe_for(kind, position, family)
     (tmp_path / "labels.json").write_text(json.dumps(["a", "b"]))
-    if family == "vit":  # the image "tokenizer": size and channels
+    if family in ("vit", "mim"):  # the image "tokenizer": size and channels
         from tfx.data.image_codec import ImageCodec, ImageConfig
 
         ImageCodec(ImageConfig(), height=6, width=6, channels=1, mean=[0.0], std=[1.0]).save(tmp_path / "tokenizer")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfx.families.base import FAMILY, Family, StackSpec, family_names, family_of, need_text_lm
-from tfx.families import classifier, lm, mlm, seq2seq, vit  # noqa: F401  (the registrations, one module per family)
+from tfx.families import classifier, lm, mim, mlm, seq2seq, vit  # noqa: F401  (the registrations, one module per family)
 
 __all__ = ["FAMILY", "Family", "StackSpec", "family_of", "family_names", "need_text_lm", "build_model",
            "init_encoder", "get_task"]
@@ -36,11 +36,29 @@ def init_encoder(model, source, *, where: str, log) -> None:
 
     if not hasattr(source, "encoder") or not hasattr(model, "encoder"):
         raise UsageError(f"init_from: {where} has no encoder to start from")
-    theirs = source.encoder.state_dict()
-    ours = model.encoder.state_dict()
+    # the encoder, and what feeds it where both models have it (a ViT's patch embedding and [CLS])
+    parts = ["encoder"] + [p for p in ("patches", "cls") if getattr(model, p, None) is not None
+                           and getattr(source, p, None) is not None]
+    theirs = {f"{p}.{k}" if k else p: v for p in parts for k, v in _state(getattr(source, p)).items()}
+    ours = {f"{p}.{k}" if k else p: v for p in parts for k, v in _state(getattr(model, p)).items()}
     bad = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
     if bad:
         raise UsageError(f"init_from: the encoder of {where} does not fit this recipe's model "
                          f"(first mismatch: {bad[0]}); use the same model settings as the pretraining run")
-    model.encoder.load_state_dict(theirs)
-    log(f"encoder initialised from {where} ({len(theirs)} tensors); the head is new")
+    import torch
+
+    with torch.no_grad():
+        for p in parts:
+            part = getattr(model, p)
+            if isinstance(part, torch.nn.Parameter):
+                part.copy_(getattr(source, p))
+            else:
+                part.load_state_dict(getattr(source, p).state_dict())
+    log(f"{' and '.join(parts)} initialised from {where} ({len(theirs)} tensors); the head is new")
+
+
+def _state(part) -> dict:
+    """A module's state_dict, or {"": tensor} for a bare parameter ([CLS])."""
+    import torch
+
+    return {"": part.detach()} if isinstance(part, torch.nn.Parameter) else part.state_dict()

@@ -76,7 +76,7 @@ class ImageTask(ClassifierTask):
 
     # ------------------------------------------------------------------ training
     def prepare(self, codec):
-        recipe, cfg = self.recipe, codec.config
+        recipe, cfg = self.recipe, self.recipe.tokenizer  # augmentation: the recipe's (init_from copies the codec)
         images, labels = self.labelled("train", fetch=True)
         names = write_labels(self.run_dir, labels)
         if len(names) < 2:
