@@ -113,3 +113,15 @@ def test_cli_bench_attention_json_plot_and_table(tmp_path):
     assert "…" not in out.getvalue() and wide[0]["status"] in out.getvalue()
     bad = tfx_in_process("bench", "attention", "--kinds", "dens", "--seq", "16")
     assert bad.returncode == 2 and "did you mean 'dense'" in bad.stderr
+
+
+def test_bench_attention_on_a_patch_grid_runs_window_attention():
+    from conftest import tfx_in_process
+    from tfx.bench.attention import BenchSettings, measure_kind
+
+    rows = measure_kind("window", BenchSettings(seqs=[], grids=[(6, 6), (4, 4)], causal=False, repeats=1, d_head=8,
+                                                params={"window": {"window": 2}}))
+    assert [(r["grid"], r["T"], r["status"]) for r in rows] == [("4x4", 16, "ok"), ("6x6", 36, "ok")]
+    refused = tfx_in_process("bench", "attention", "--kinds", "window", "--seq", "64")
+    assert refused.returncode == 2 and "needs a patch grid (--grid 64x64)" in refused.stderr
+    assert tfx_in_process("bench", "attention", "--grid", "8y8").returncode == 2

@@ -30,15 +30,24 @@ class BenchSettings:
     budget_gib: float = 8.0
     max_seconds: float = 60.0      # a length slower than this per call ends the kind's sweep
     params: dict | None = None     # kind -> recipe parameters
+    grids: list[tuple[int, int]] | None = None  # images: patch grids (rows, cols) instead of seqs; T = rows·cols
+
+    def points(self) -> list[tuple[int, tuple[int, int] | None]]:
+        """(T, grid) per point, in increasing T."""
+        if self.grids:
+            return sorted((r * c, (r, c)) for r, c in self.grids)
+        return [(T, None) for T in sorted(self.seqs)]
 
 
-def kernels_for(causal: bool) -> list[str]:
+def kernels_for(causal: bool, grid: bool = False) -> list[str]:
+    """The kinds that run causal (or bidirectional); those that need a patch grid only with `grid`."""
     from tfx.config import import_kinds
     from tfx.registry import ATTENTION
 
     import_kinds()
     return [k for k in ATTENTION.names()
-            if (ATTENTION.get(k).supports_causal if causal else ATTENTION.get(k).supports_bidirectional)]
+            if (ATTENTION.get(k).supports_causal if causal else ATTENTION.get(k).supports_bidirectional)
+            and (grid or not ATTENTION.get(k).needs_grid)]
 
 
 def _rss_mib() -> float:
@@ -79,9 +88,9 @@ def measure_kind(kind: str, s: BenchSettings) -> list[dict]:
         _limit_memory(s.budget_gib)
     base = _rss_mib()
     rows, stopped, last = [], None, None  # last: (T, seconds per call) of the previous length
-    for T in sorted(s.seqs):
+    for T, grid in s.points():
         row = {"kind": kind, "T": T, "mode": s.mode, "causal": s.causal, "ms": None, "tokens_per_s": None,
-               "peak_mib": None, "status": "ok"}
+               "peak_mib": None, "status": "ok", **({"grid": f"{grid[0]}x{grid[1]}"} if grid else {})}
         rows.append(row)
         if not stopped and last and last[1] * (T / last[0]) ** 2 > s.max_seconds:
             stopped = f"too slow (~{last[1] * (T / last[0]) ** 2:.0f} s per call predicted, quadratic)"
@@ -96,7 +105,7 @@ def measure_kind(kind: str, s: BenchSettings) -> list[dict]:
             q, k, v = (torch.randn(s.batch, s.heads, T, s.d_head, device=device, dtype=dtype, generator=g)
                        .requires_grad_(s.mode == "fwdbwd") for _ in range(3))
             pos = torch.arange(T, device=device)
-            spec = AttnSpec(q_pos=pos, k_pos=pos, causal=s.causal)
+            spec = AttnSpec(q_pos=pos, k_pos=pos, causal=s.causal, grid=(*grid, 0) if grid else None)
 
             def call():
                 if s.mode == "fwd":

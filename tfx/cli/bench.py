@@ -45,9 +45,11 @@ def bench_attention_cmd(
     json_out: bool = typer.Option(False, "--json", help="JSON rows on stdout."),
     csv_out: bool = typer.Option(False, "--csv", help="CSV rows on stdout."),
     plot: Optional[Path] = typer.Option(None, help="Write a log-log plot of time and memory against T."),
+    grid: Optional[str] = typer.Option(None, help="Patch grids instead of --seq, e.g. 64x64,128x128 (images: "
+                                       "T = rows x cols, bidirectional); window attention needs one."),
 ):
     """Time and memory of attention kernels alone (random q, k, v; B x heads x T x d_head) against
-    sequence length: median ms, tokens/s and peak memory per kind and length."""
+    sequence length (or patch grid): median ms, tokens/s and peak memory per kind and length."""
     from tfx.bench.attention import BenchSettings, bench_attention, kernels_for
     from tfx.bench.report import loglog_plot
     from tfx.config import parse_value, validate_kind
@@ -58,13 +60,17 @@ def bench_attention_cmd(
         raise UsageError(f"--mode {mode!r}: expected fwd or fwdbwd")
     if dtype not in ("fp32", "bf16"):
         raise UsageError(f"--dtype {dtype!r}: expected fp32 or bf16")
-    usable = kernels_for(causal)
+    grids = grid_list(grid) if grid else None
+    if grids:
+        causal = False  # a grid of image patches attends both ways
+    usable = kernels_for(causal, grid=bool(grids))
     chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else usable
     for k in chosen:
         if k not in ATTENTION:
             raise UsageError(f"--kinds: {ATTENTION.unknown_message(k)}")
         if k not in usable:
-            raise UsageError(f"--kinds: {k!r} cannot run {'causal' if causal else 'bidirectional'}")
+            raise UsageError(f"--kinds: {k!r} " + ("needs a patch grid (--grid 64x64)" if ATTENTION.get(k).needs_grid
+                                                   and not grids else f"cannot run {'causal' if causal else 'bidirectional'}"))
     params: dict = {}
     for item in param or []:
         key, sep, value = item.partition("=")
@@ -76,14 +82,27 @@ def bench_attention_cmd(
         validate_kind(ATTENTION, {"kind": kind, **values}, f"--param {kind}")
     settings = BenchSettings(seqs=int_list(seq, "--seq"), mode=mode, causal=causal, batch=batch, heads=heads,
                              d_head=d_head, dtype=dtype, device=device, repeats=repeats, budget_gib=budget,
-                             max_seconds=max_seconds, params=params)
+                             max_seconds=max_seconds, params=params, grids=grids)
     rows = bench_attention(chosen, settings, log=err)
-    show_rows(rows, ["kind", "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt,
+    show_rows(rows, ["kind", *(["grid"] if grids else []), "T", "ms", "tokens_per_s", "peak_mib", "status"], fmt=fmt,
               title=f"attention {mode}, {'causal' if causal else 'bidirectional'}, B={batch} H={heads} D={d_head} {dtype}")
     if plot is not None:
         loglog_plot(rows, x="T", panels=[("ms", "median ms per call"), ("peak_mib", "peak MiB")], series="kind",
                     path=plot, title=f"attention {mode} ({'causal' if causal else 'bidirectional'})")
         err(f"plot written to {plot}")
+
+
+def grid_list(text: str) -> list[tuple[int, int]]:
+    """"64x64,128x96" -> [(64, 64), (128, 96)]."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        rows, sep, cols = item.lower().partition("x")
+        if not sep or not rows.isdigit() or not cols.isdigit() or int(rows) < 1 or int(cols) < 1:
+            raise UsageError(f"--grid {item!r}: expected ROWSxCOLS, e.g. 64x64")
+        out.append((int(rows), int(cols)))
+    if not out:
+        raise UsageError("--grid: give at least one ROWSxCOLS")
+    return out
 
 
 def show_rows(rows: list[dict], columns: list[str], *, title: str, fmt: str) -> None:
