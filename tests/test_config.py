@@ -35,7 +35,7 @@ BAD = {
     "wrong type": ("[model]\nd_model = \"big\"\n", ["model.d_model", "integer", "'big'"]),
     "out of range": ("[train]\nsteps = 0\n", ["train.steps", "greater than 0"]),
     "unknown attention kind": ("[model.attention]\nkind = \"dens\"\n", ["model.attention.kind", "'dens'", "dense"]),
-    "unknown position kind": ("[model.position]\nkind = \"rotary\"\n", ["model.position.kind", "rope, shaw, sinusoidal"]),
+    "unknown position kind": ("[model.position]\nkind = \"rotary\"\n", ["model.position.kind", "rope, rope_2d, shaw, sinusoidal"]),
     "unknown kind parameter": ("[model.position]\nkind = \"rope\"\nbas = 1.0\n", ["model.position.bas", "base"]),
     "unknown tokenizer kind": ("[tokenizer]\nkind = \"wordpiece\"\n", ["tokenizer.kind", "sentencepiece"]),
     "bad literal": ("[model]\nnorm = \"batchnorm\"\n", ["model.norm", "layernorm", "rmsnorm"]),
@@ -49,7 +49,7 @@ def test_unknown_family_names_the_registered_ones(write):
     path = write('family = "seq2sec"\n' + GOOD)
     with pytest.raises(UsageError) as exc:
         load_recipe(path)
-    for needle in ("family:", "'seq2sec'", "allowed: classifier, lm, mlm, seq2seq", "did you mean 'seq2seq'"):
+    for needle in ("family:", "'seq2sec'", "allowed: classifier, lm, mim, mlm, seq2seq, vit", "did you mean 'seq2seq'"):
         assert needle in str(exc.value), str(exc.value)
 
 

@@ -256,68 +256,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- errors
 
-def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that owns the last key of `loc` (for 'allowed keys' hints)."""
-    cls: Any = root
-    for part in loc[:-1]:
-        if isinstance(cls, dict):
-            cls = cls.get(part)
-            continue
-        fields = getattr(cls, "model_fields", None)
-        if fields is None:
-            return None
-        if part in fields:
-            cls = fields[part].annotation
-            args = [a for a in getattr(cls, "__args__", ()) if isinstance(a, type)]
-            if args and not isinstance(cls, type):  # a tagged union: the tag comes next in loc
-                cls = {a.model_fields["kind"].default: a for a in args}
-        else:
-            return None
-    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-
-
-def _explain(err: dict, root: type[BaseModel], raw: dict) -> str:
-    loc = tuple(err["loc"])
-    # Drop the union tag pydantic inserts in the path (model.attention.dense.window -> ...window).
-    path, node = [], raw
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            path.append(str(part))
-            node = node[part]
-        elif isinstance(node, dict) and node.get("kind") == part:
-            continue
-        else:
-            path.append(str(part))
-            node = None
-    key = ".".join(path) or "(recipe)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        owner = _model_at(root, loc)
-        allowed = sorted(owner.model_fields) if owner else []
-        hint = closest(str(loc[-1]), allowed)
-        msg = f"unknown key {key!r}"
-        if allowed:
-            msg += f"; allowed keys here: {', '.join(allowed)}"
-        return msg + (f" (did you mean {hint!r}?)" if hint else "")
-    if kind in ("union_tag_invalid", "literal_error") and (loc[-1] == "kind" or kind == "union_tag_invalid"):
-        value = err["ctx"].get("tag", err.get("input"))
-        slot = {"attention": ATTENTION, "position": POSITION, "tokenizer": TOKENIZER, "src_tokenizer": TOKENIZER,
-                "memory": MEMORY, "optimizer": OPTIMIZER, "schedule": SCHEDULE}.get(path[-2] if loc[-1] == "kind" else path[-1])
-        if slot is not None:
-            return f"{key if key.endswith('kind') else key + '.kind'}: {slot.unknown_message(str(value))}"
-    value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
-
-
 def validate(raw: dict, source: str = "recipe") -> Recipe:
+    from tfx.config_errors import explain
     from tfx.kinds import problems
 
     root = Recipe
     try:
         recipe = root.model_validate(raw)
     except ValidationError as exc:
-        lines = [_explain(e, root, raw) for e in exc.errors()]
+        lines = [explain(e, root, raw) for e in exc.errors()]
         raise UsageError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
     if lines := problems(recipe):
         raise UsageError(f"{source}: impossible combination:\n  " + "\n  ".join(lines))
