@@ -158,7 +158,7 @@ def test_bad_image_data_exits_2_naming_the_file(vit_run, image_data, tmp_path):
     np.savez(tmp_path / "one.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array(["a"] * 4))
     proc = tfx_in_process("train", "recipes/vision/fashion-mnist.toml", "--out", str(tmp_path / "r"),
                           *sets(*data_sets(image_data), f"data.train={tmp_path / 'one.npz'}", *VIT))
-    assert proc.returncode == 2 and "one class ('a')" in proc.stderr
+    assert proc.returncode == 2 and "one.npz: the training images have one class ('a')" in proc.stderr
 
 
 def test_a_resumed_run_sees_the_same_augmented_batches(image_data, tmp_path):

@@ -80,7 +80,9 @@ class ImageTask(ClassifierTask):
         images, labels = self.labelled("train", fetch=True)
         names = write_labels(self.run_dir, labels)
         if len(names) < 2:
-            raise UsageError(f"the training images have one class ({names[0]!r}); a classifier needs two or more")
+            where = holdout_source(recipe, "train", fetch=False)[0]
+            raise UsageError(f"{where}: the training images have one class ({names[0]!r}); a classifier needs "
+                             "two or more")
         ids = torch.tensor(self.label_ids(labels, names, "train"))
         images = self.checked(codec, images, "train")
         order = LengthBatches([1] * len(images), seed=recipe.train.seed, batch_size=recipe.train.batch_size)
