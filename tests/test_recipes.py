@@ -20,12 +20,12 @@ def test_there_are_shipped_recipes():
     assert {"shakespeare-char.toml", "shakespeare-bpe.toml"} <= names
 
 
-def tiny_batch(family: str, context: int) -> dict:
+def tiny_batch(family: str, context: int, patch: int = 4) -> dict:
     """Random token ids (images: pixels) in the shape each family's loss takes."""
     if family == "vit":
         return {"image": torch.randn(2, 1, 28, 28), "label": torch.tensor([0, 1])}
     if family == "mim":
-        return {"image": torch.randn(2, 1, 28, 28), "masked": torch.rand(2, 49) < 0.5}
+        return {"image": torch.randn(2, 1, 28, 28), "masked": torch.rand(2, (28 // patch) ** 2) < 0.5}
     x = torch.randint(4, 50, (2, context + 1))
     if family == "lm":
         return {"input": x[:, :-1], "target": x[:, 1:]}
@@ -54,7 +54,7 @@ def test_recipe_builds_tiny_and_takes_a_step(path: Path, precision: str, tmp_pat
     torch.manual_seed(0)
     model = build_model(recipe, vocab_size=50, run_dir=tmp_path)
     opt = OPTIMIZER.build(recipe.train.optimizer, model=model)
-    batch = tiny_batch(recipe.family, recipe.model.context)
+    batch = tiny_batch(recipe.family, recipe.model.context, recipe.model.patch)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss, _, _ = model.loss(batch)
@@ -65,8 +65,13 @@ def test_recipe_builds_tiny_and_takes_a_step(path: Path, precision: str, tmp_pat
     # at the start: the cross-entropy of a uniform guess; mim's pixel error: the pixels' variance (1)
     expected = 1.0 if recipe.family == "mim" else float(torch.log(torch.tensor(float(classes))))
     assert torch.isfinite(loss) and abs(per_token - expected) < 0.6
-    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
-    assert all(changed)
+    # Known dead weights: under [CLS] pooling the last block's depthwise convolution (dwconv) mixes only
+    # patch positions, which nothing reads after it; it gets no gradient (a finding, see the README).
+    last = f"encoder.blocks.{recipe.model.n_layers - 1}.ffn.mix."
+    dead = recipe.family == "vit" and recipe.model.pool == "cls" and recipe.model.ffn == "dwconv"
+    unchanged = [n for (n, p), b in zip(model.named_parameters(), before) if torch.equal(p, b)
+                 and not (dead and n.startswith(last))]
+    assert not unchanged, unchanged
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
