@@ -59,6 +59,11 @@ class ImageCodec(Tokenizer):
         std = np.sqrt(np.maximum(square / len(pixels) - mean ** 2, 1e-12))
         return cls(cfg, height=h, width=w, channels=c, mean=mean.tolist(), std=std.tolist())
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the images the run's model was built for."""
+        return self.height, self.width
+
     def tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, C) -> float32 (N, C, H, W), scaled and standardised."""
         x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)  # a copy: a view may be read-only
@@ -89,3 +94,11 @@ class ImageCodec(Tokenizer):
 
     def __repr__(self) -> str:
         return f"ImageCodec({self.height}x{self.width}x{self.channels})"
+
+
+def run_codec(run_dir: Path) -> ImageCodec:
+    """The ImageCodec saved in a run directory (what an image family's model builder reads)."""
+    from tfx.data.tokenizers import load_tokenizer
+    from tfx.rundir.files import TOKENIZER
+
+    return load_tokenizer(Path(run_dir) / TOKENIZER)

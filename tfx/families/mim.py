@@ -5,12 +5,11 @@ from tfx.families.base import Family, StackSpec, register
 
 
 def build(recipe, vocab_size: int, run_dir=None):
-    from tfx.data.tokenizers import load_tokenizer
+    from tfx.data.image_codec import run_codec
     from tfx.models.mim import MaskedImageModel
-    from tfx.rundir.files import TOKENIZER
 
-    codec = load_tokenizer(run_dir / TOKENIZER)
-    return MaskedImageModel(recipe.model, channels=codec.channels, image_size=(codec.height, codec.width))
+    codec = run_codec(run_dir)
+    return MaskedImageModel(recipe.model, channels=codec.channels, image_size=codec.size)
 
 
 def task():

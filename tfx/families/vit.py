@@ -5,13 +5,12 @@ from tfx.families.base import Family, StackSpec, register
 
 
 def build(recipe, vocab_size: int, run_dir=None):
-    from tfx.data.tokenizers import load_tokenizer
+    from tfx.data.image_codec import run_codec
     from tfx.models.vit import VisionTransformer
-    from tfx.rundir.files import TOKENIZER
     from tfx.tasks.classifier import read_labels
 
-    codec = load_tokenizer(run_dir / TOKENIZER)  # the ImageCodec: image size and channels
-    return VisionTransformer(recipe.model, channels=codec.channels, image_size=(codec.height, codec.width),
+    codec = run_codec(run_dir)  # image size and channels
+    return VisionTransformer(recipe.model, channels=codec.channels, image_size=codec.size,
                              n_labels=len(read_labels(run_dir)), rdrop=recipe.train.rdrop,
                              label_smoothing=recipe.train.label_smoothing)
 

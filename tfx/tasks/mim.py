@@ -3,15 +3,13 @@ masked patches per image, the reconstruction loss on the masked patches."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from tfx.data.batching import LengthBatches
 from tfx.errors import UsageError
-from tfx.tasks.common import EvalOptions, GenerateSettings, log, sampling_seed
-from tfx.tasks.vit import EVAL_BATCH, ImageTask, augment
+from tfx.tasks.common import EvalOptions, GenerateSettings, log
+from tfx.tasks.vit import EVAL_BATCH, ImageTask
 
 VALID_SEED = 20_231_119  # validation masks: the same patches at every validation
 
@@ -29,19 +27,12 @@ class MaskedImageTask(ImageTask):
         return (codec.height // p) * (codec.width // p)
 
     def prepare(self, codec):
-        recipe, cfg = self.recipe, self.recipe.tokenizer  # augmentation: the recipe's (init_from copies the codec)
+        recipe = self.recipe
         images, _ = self.labelled("train", fetch=True)  # labels, if any, are not used
         images = self.checked(codec, images, "train")
-        order = LengthBatches([1] * len(images), seed=recipe.train.seed, batch_size=recipe.train.batch_size)
         n = self.n_patches(codec)
-
-        def batches(position) -> Iterator:
-            for idx, pos in order.batches(position):
-                g = torch.Generator().manual_seed(sampling_seed(recipe.train.seed, pos.epoch, pos.cursor) % 2**63)
-                x = codec.tensor(images[idx.numpy()])
-                if cfg.shift or cfg.flip:
-                    x = augment(x, shift=cfg.shift, flip=cfg.flip, generator=g)
-                yield {"image": x, "masked": mask_patches(len(x), n, recipe.train.mask_prob, g)}, pos
+        batches = self.image_batches(codec, images,
+                                     lambda idx, g: {"masked": mask_patches(len(idx), n, recipe.train.mask_prob, g)})
 
         valid = self.labelled("valid", fetch=True)
         log(f"{len(images):,} training images for masked-image pretraining ({recipe.train.mask_prob:.0%} of "
@@ -70,19 +61,7 @@ class MaskedImageTask(ImageTask):
         return {"loss": total / max(count, 1), "patches": count}
 
     def evaluate(self, model, codec, *, split: str, data: str | None, device, options: EvalOptions) -> dict:
-        from tfx.data.images import read_image_set
-
-        if data:
-            try:
-                images = read_image_set(data, split=split).images
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-        else:
-            found = self.labelled(split)
-            if found is None:
-                raise UsageError(f"the recipe has no {split!r} split; give --data PATH")
-            images = found[0]
-        return self.reconstruction_eval(model, codec, self.checked(codec, images, data or split), device)
+        return self.reconstruction_eval(model, codec, self.split_images(codec, split, data)[0], device)
 
     def generate(self, model, codec, lines, settings: GenerateSettings):
         raise UsageError("a mim run reconstructs masked patches; start a vit classifier from it (init_from) "

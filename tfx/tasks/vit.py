@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -75,8 +75,44 @@ class ImageTask(ClassifierTask):
         return images
 
     # ------------------------------------------------------------------ training
+    def image_batches(self, codec, images: np.ndarray, more: Callable[[torch.Tensor, torch.Generator], dict]):
+        """position -> the training batches from `position` on: `train.batch_size` images in a seeded order,
+        standardised, augmented as the recipe's [tokenizer] says (not the codec's: init_from copies that),
+        plus `more(indices, generator)`; the generator is seeded by (train.seed, epoch, batch), so a resumed
+        run draws what the uninterrupted one did."""
+        recipe, cfg = self.recipe, self.recipe.tokenizer
+        order = LengthBatches([1] * len(images), seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+
+        def batches(position) -> Iterator:
+            for idx, pos in order.batches(position):
+                g = torch.Generator().manual_seed(sampling_seed(recipe.train.seed, pos.epoch, pos.cursor) % 2**63)
+                x = codec.tensor(images[idx.numpy()])
+                if cfg.shift or cfg.flip:
+                    x = augment(x, shift=cfg.shift, flip=cfg.flip, generator=g)
+                yield {"image": x, **more(idx, g)}, pos
+
+        return batches
+
+    def split_images(self, codec, split: str, data: str | None) -> tuple[np.ndarray, list[str]]:
+        """(images, labels) that `tfx eval` reads: the file or folder `data`, else the recipe's split;
+        images of another channel count than the run's are refused (UsageError naming the source)."""
+        from tfx.data.images import read_image_set
+
+        if data:
+            try:
+                found = read_image_set(data, split=split)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            images, labels = found.images, found.labels
+        else:
+            pairs = self.labelled(split)
+            if pairs is None:
+                raise UsageError(f"the recipe has no {split!r} split; give --data PATH")
+            images, labels = pairs
+        return self.checked(codec, images, data or split), labels
+
     def prepare(self, codec):
-        recipe, cfg = self.recipe, self.recipe.tokenizer  # augmentation: the recipe's (init_from copies the codec)
+        recipe = self.recipe
         images, labels = self.labelled("train", fetch=True)
         names = write_labels(self.run_dir, labels)
         if len(names) < 2:
@@ -85,16 +121,7 @@ class ImageTask(ClassifierTask):
                              "two or more")
         ids = torch.tensor(self.label_ids(labels, names, "train"))
         images = self.checked(codec, images, "train")
-        order = LengthBatches([1] * len(images), seed=recipe.train.seed, batch_size=recipe.train.batch_size)
-
-        def batches(position) -> Iterator:
-            for idx, pos in order.batches(position):
-                x = codec.tensor(images[idx.numpy()])
-                if cfg.shift or cfg.flip:
-                    g = torch.Generator().manual_seed(sampling_seed(recipe.train.seed, pos.epoch, pos.cursor) % 2**63)
-                    x = augment(x, shift=cfg.shift, flip=cfg.flip, generator=g)
-                yield {"image": x, "label": ids[idx]}, pos
-
+        batches = self.image_batches(codec, images, lambda idx, g: {"label": ids[idx]})
         valid = self.labelled("valid", fetch=True)
         h, w, c = images.shape[1:]
         log(f"{len(images):,} training images of {h} x {w} x {c}, {len(names)} labels"
@@ -119,20 +146,7 @@ class ImageTask(ClassifierTask):
         return torch.cat(out) if out else torch.empty(0, model.n_labels)
 
     def evaluate(self, model, codec, *, split: str, data: str | None, device, options: EvalOptions) -> dict:
-        from tfx.data.images import read_image_set
-
-        if data:
-            try:
-                found = read_image_set(data, split=split)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            images, labels = found.images, found.labels
-        else:
-            pairs = self.labelled(split)
-            if pairs is None:
-                raise UsageError(f"the recipe has no {split!r} split; give --data PATH")
-            images, labels = pairs
-        images = self.checked(codec, images, data or split)
+        images, labels = self.split_images(codec, split, data)
         return self.classify_eval(model, codec, images, labels, names=read_labels(self.run_dir), device=device,
                                   where=data or split)
 
