@@ -34,6 +34,39 @@ def test_the_patch_embedding_is_one_linear_map_per_patch_in_raster_order():
     torch.testing.assert_close(x[:, 0], model.cls[0].expand(2, -1))
 
 
+def test_the_conv_stem_is_a_3x3_convolution_and_gelu_before_the_patches():
+    model = vit(stem=3)
+    images = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    x, _ = model.embed(images)
+    conv = model.stem[0]
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    features = torch.zeros(2, 3, 8, 8, dtype=torch.float64)  # the convolution written out, pixel by pixel
+    for i in range(8):
+        for j in range(8):
+            window = padded[:, :, i:i + 3, j:j + 3].reshape(2, -1)
+            features[:, :, i, j] = window @ conv.weight.reshape(3, -1).T + conv.bias
+    features = torch.nn.functional.gelu(features)
+    w = model.patches.weight.reshape(16, -1)
+    patch = features[:, :, 4:8, 0:4].reshape(2, -1)  # row 1, column 0: the third patch
+    torch.testing.assert_close(x[:, 3], patch @ w.T + model.patches.bias)
+    changed = images.clone()
+    changed[:, :, 3, 3] += 1.0  # the last pixel of patch (0, 0): its 3 x 3 neighbourhood reaches every other patch
+    y, _ = model.embed(changed)
+    assert all((y[:, n] != x[:, n]).any() for n in range(1, 5))
+    changed = images.clone()
+    changed[:, :, 0, 0] += 1.0  # a corner pixel reaches patch (0, 0) only
+    y, _ = model.embed(changed)
+    assert (y[:, 1] != x[:, 1]).any() and torch.equal(y[:, 2:], x[:, 2:])
+
+
+def test_masked_image_modelling_refuses_the_stem_with_the_reason():
+    from tfx.models.mim import MaskedImageModel
+
+    recipe = validate({"family": "mim", "data": {"train": "x.npz"}, "model": {"patch": 4, "stem": 8}})
+    with pytest.raises(UsageError, match="masked neighbours"):
+        MaskedImageModel(recipe.model, channels=1, image_size=(8, 8))
+
+
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_pooling_is_the_cls_output_or_the_mean_of_the_patches(pool):
     model = vit(pool=pool)
@@ -70,6 +103,8 @@ def test_the_recipe_check_keeps_images_and_text_apart():
         validate({"data": {"train": "x.txt"}, "model": {"position": {"kind": "rope_2d"}}})
     with pytest.raises(UsageError, match="'window' works on a grid"):
         validate({"family": "classifier", "data": {"train": "x.tsv"}, "model": {"attention": {"kind": "window"}}})
+    with pytest.raises(UsageError, match="model.stem: a convolution over image pixels"):
+        validate({"data": {"train": "x.txt"}, "model": {"stem": 16}})
     with pytest.raises(UsageError, match="context \\(16\\) is shorter than the 4 x 4 patches"):
         vit(size=(16, 16))
 

@@ -80,6 +80,16 @@ class DataConfig(Strict):
         return self
 
 
+class DepthConfig(Strict):
+    """How the blocks are applied: once each in order ("layers"), or as one shared step repeated up to
+    max_steps times with Adaptive Computation Time ("universal"; tfx/nn/depth.py)."""
+    kind: Literal["layers", "universal"] = "layers"
+    max_steps: int = Field(4, gt=0)       # universal: steps of the shared n_layers blocks
+    act: bool = True                      # universal: halt per position (false: always max_steps)
+    halt_epsilon: float = Field(0.01, gt=0.0, lt=1.0)  # halt when the halting probabilities reach 1 - this
+    ponder_cost: float = Field(0.01, ge=0.0)           # weight of the ponder cost (steps + remainder) per token
+
+
 class ModelConfig(Strict):
     d_model: int = Field(256, gt=0)
     n_layers: int = Field(4, gt=0)
@@ -93,12 +103,18 @@ class ModelConfig(Strict):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0)
     ffn: Literal["gelu", "relu", "swiglu", "dwconv"] = "gelu"  # dwconv: EfficientViT's (tfx/nn/dwconv.py)
+    norm_position: Literal["pre", "post"] = "pre"  # post: the original x = norm(x + sublayer(x)), no final norm
+    block: Literal["standard", "simplified"] = "standard"  # simplified: He & Hofmann 2023 (tfx/nn/simplified.py)
+    depth: DepthConfig = Field(default_factory=DepthConfig)
+    reversible: bool = False  # RevNet couplings: activations recomputed in backward (tfx/nn/reversible.py)
+    ffn_chunks: int = Field(1, gt=0)  # the Reformer's chunked feed-forward: this many slices of the sequence
     bias: bool = True
     tie_embeddings: bool = True
     encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
     decoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
     pool: Literal["cls", "mean"] = "cls"            # classifier: the [CLS] (first) token or the mean
     patch: int = Field(4, gt=0)                     # vit: patches of patch x patch pixels
+    stem: int = Field(0, ge=0)                      # vit: channels of a 3x3 conv + GELU before the patches; 0: none
     attention: AttentionKind = _default(ATTENTION, "dense")
     position: PositionKind = _default(POSITION, "learned")
     memory: MemoryKind = _default(MEMORY, "none")

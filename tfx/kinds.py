@@ -56,6 +56,26 @@ def problems(recipe) -> list[str]:
     if not family.images and pos.images_only:
         out.append(f"model.position.kind: {position!r} places positions on a grid of image patches; a "
                    f"{recipe.family} model reads text (1-D schemes: learned, sinusoidal, rope, ...)")
+    if m.block == "simplified":
+        from tfx.nn.simplified import simplified_problems
+
+        out.extend(simplified_problems(recipe, kernel, pos))
+        if any(s.cross for s in family.stacks):
+            out.append(f"model.block: 'simplified' has no cross-attention sublayer, which the {recipe.family} "
+                       "decoder needs (He & Hofmann define decoder-only and encoder-only blocks)")
+    if m.depth.kind == "universal" and m.memory.kind != "none":
+        out.append(f"[model.depth] kind = 'universal' repeats the blocks in depth; a segment memory ({m.memory.kind!r}) "
+                   "keeps one state per layer, which is not built for it")
+    if m.reversible:
+        from tfx.nn.reversible import reversible_problems
+
+        out.extend(reversible_problems(recipe, pos))
+    if m.ffn_chunks > 1 and m.ffn == "dwconv":
+        out.append("model.ffn_chunks: 'dwconv' mixes neighbouring positions across the chunks' borders; use gelu, "
+                   "relu or swiglu, or ffn_chunks = 1")
+    if m.stem and not family.images:
+        out.append(f"model.stem: a convolution over image pixels; a {recipe.family} model reads text "
+                   f"(use it with family = \"{_families_with('images')}\")")
     if m.ffn == "dwconv" and m.memory.kind != "none":
         out.append(f"model.ffn: 'dwconv' mixes neighbouring positions, which a segment memory "
                    f"({m.memory.kind!r}) does not keep across segments; use gelu, relu or swiglu")

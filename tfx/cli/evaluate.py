@@ -79,6 +79,10 @@ def print_result(result: dict) -> None:
         if isinstance(value, (dict, list)):
             continue
         print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+    if "depth" in result:  # universal depth: steps per position
+        d = result["depth"]
+        shares = ", ".join(f"{n}: {share:.1%}" for n, share in d["steps"].items())
+        print(f"{'steps':<14} mean {d['mean_steps']:.2f} over {d['positions']:,} positions ({shares})")
     if "per_class" not in result:
         return
     console = out_console()

@@ -16,6 +16,7 @@ class StackSpec:
     name: str     # encoder / decoder
     causal: bool  # a token attends only to earlier ones
     padded: bool  # batches pad keys (the kernel must mask them)
+    cross: bool = False  # its blocks also attend to another stack's output (a translation decoder)
 
 
 @dataclass(frozen=True)

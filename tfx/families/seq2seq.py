@@ -31,7 +31,7 @@ def metrics(recipe) -> frozenset[str]:
 
 register(Family(
     name="seq2seq", about="encoder-decoder: sacreBLEU BLEU and chrF, loss; translates lines",
-    stacks=(StackSpec("encoder", causal=False, padded=True), StackSpec("decoder", causal=True, padded=False)),
+    stacks=(StackSpec("encoder", causal=False, padded=True), StackSpec("decoder", causal=True, padded=False, cross=True)),
     build=build, task=task, metrics=metrics, metrics_hint="bleu and chrf need train.eval_bleu = true",
     two_sided=True,
 ))

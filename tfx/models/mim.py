@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tfx.errors import UsageError
 from tfx.models.vit import VisionTransformer
 
 
@@ -28,6 +29,9 @@ class MaskedImageModel(VisionTransformer):
     """A VisionTransformer whose head predicts the pixels of masked patches instead of a label."""
 
     def __init__(self, cfg, *, channels: int, image_size: tuple[int, int]):
+        if cfg.stem:
+            raise UsageError("model.stem: a convolution over the pixels lets each visible patch see the edge of "
+                             "its masked neighbours, which masked image modelling must hide; set model.stem = 0")
         super().__init__(cfg, channels=channels, image_size=image_size, n_labels=1)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         nn.init.normal_(self.mask_token, std=0.02)

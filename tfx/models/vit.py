@@ -1,7 +1,8 @@
 """The Vision Transformer (Dosovitskiy et al., 2021): patches -> the shared encoder stack -> a label.
 
 An image (B, C, H, W) is cut into non-overlapping `model.patch` x `model.patch` patches, each
-embedded linearly (a convolution with the patch as kernel and stride, which is that linear map);
+embedded linearly (a convolution with the patch as kernel and stride, which is that linear map),
+optionally after a 3 x 3 convolution stem (`model.stem` channels) over the whole image;
 with `pool = "cls"` a learned [CLS] vector is put before them and classifies, with `pool =
 "mean"` the mean of the patch outputs does. The stack is tfx's TransformerStack, non-causal, fed
 the patch embeddings instead of token embeddings, with the patch grid (rows, cols, prefix), so
@@ -43,7 +44,11 @@ class VisionTransformer(nn.Module):
             raise UsageError(f"model.context ({cfg.context}) is shorter than the {rows} x {cols} patches"
                              + (" and [CLS]" if self.prefix else "") + f" ({rows * cols + self.prefix}) that learned "
                              "positions need; raise it")
-        self.patches = nn.Conv2d(channels, cfg.d_model, kernel_size=cfg.patch, stride=cfg.patch, bias=cfg.bias)
+        # Xiao et al. (2021), "Early convolutions help transformers see better": a convolution over
+        # the pixels before the patch embedding gives each patch its neighbours' edges
+        self.stem = nn.Sequential(nn.Conv2d(channels, cfg.stem, 3, padding=1, bias=cfg.bias), nn.GELU()) \
+            if cfg.stem else None
+        self.patches = nn.Conv2d(cfg.stem or channels, cfg.d_model, kernel_size=cfg.patch, stride=cfg.patch, bias=cfg.bias)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model)) if self.prefix else None
         self.encoder = TransformerStack(cfg, vocab_size=0, causal=False, grid=(rows, cols, self.prefix))
         self.head = nn.Linear(cfg.d_model, n_labels)
@@ -63,7 +68,8 @@ class VisionTransformer(nn.Module):
                              f"{self.encoder.pos.train_grid[1] * self.cfg.patch}, and its {self.cfg.position.kind!r} "
                              "positions are defined for that grid only (learned_2d, sinusoidal_2d and rope_2d take "
                              "other sizes)")
-        x = self.patches(images).flatten(2).transpose(1, 2)  # (B, rows*cols, d_model), raster order
+        pixels = images if self.stem is None else self.stem(images)
+        x = self.patches(pixels).flatten(2).transpose(1, 2)  # (B, rows*cols, d_model), raster order
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
         return x, (rows, cols, self.prefix)

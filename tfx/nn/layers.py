@@ -1,4 +1,4 @@
-"""Norm, FeedForward, Attention (projections, heads, cache) and the pre-norm Block."""
+"""Norm, FeedForward, Attention (projections, heads, cache) and the pre-norm (or post-norm) Block."""
 from __future__ import annotations
 
 import torch
@@ -46,9 +46,10 @@ class FeedForward(nn.Module):
     EfficientViT's (Cai et al., 2023) with a depthwise convolution between its two layers
     (`dwconv`: up, GELU, depthwise conv over the grid or the sequence, GELU, down; tfx/nn/dwconv.py)."""
 
-    def __init__(self, *, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float, two_d: bool = False):
+    def __init__(self, *, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float, two_d: bool = False,
+                 chunks: int = 1):
         super().__init__()
-        self.kind = kind
+        self.kind, self.chunks = kind, chunks
         width = 2 * d_ff if kind == "swiglu" else d_ff  # SwiGLU: gate and value in one matmul
         self.up = nn.Linear(d_model, width, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
@@ -64,6 +65,11 @@ class FeedForward(nn.Module):
         return self.kind == "dwconv"
 
     def forward(self, x: Tensor, spec: AttnSpec | None = None) -> Tensor:
+        if self.chunks > 1 and x.shape[1] > 1:  # the Reformer's chunks: one slice of the sequence at a time
+            return torch.cat([self.apply_to(part, spec) for part in x.chunk(self.chunks, dim=1)], dim=1)
+        return self.apply_to(x, spec)
+
+    def apply_to(self, x: Tensor, spec: AttnSpec | None = None) -> Tensor:
         h = self.up(x)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
@@ -178,11 +184,14 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross(norm(x), source)], x + ffn(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross(norm(x), source)], x + ffn(norm(x)).
+    `post=True`: the original post-norm "Add & Norm" block (Vaswani et al., 2017): x = norm(x +
+    attn(x)), [x = norm(x + cross(x, source))], x = norm(x + ffn(x))."""
 
     def __init__(self, *, attn: Attention, ffn: FeedForward, norm: str, d_model: int, eps: float, bias: bool,
-                 cross: CrossAttention | None = None):
+                 cross: CrossAttention | None = None, post: bool = False):
         super().__init__()
+        self.post = post
         self.norm1 = make_norm(norm, d_model, eps=eps, bias=bias)
         self.attn = attn
         self.cross = cross
@@ -193,19 +202,30 @@ class Block(nn.Module):
     def forward(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor,
                 cache=None, cross_kv: tuple[Tensor, Tensor] | None = None,
                 cross_spec: AttnSpec | None = None, memory: Tensor | None = None, recall=None) -> Tensor:
+        if self.post:  # a memory holds earlier inputs of this layer, which are what its attention reads
+            x = self.norm1(x + self.attn(x, pos=pos, spec=spec, q_pos=q_pos, cache=cache, memory=memory,
+                                         recall=recall))
+            if self.cross is not None:
+                x = self.norm_cross(x + self.cross(x, cross_kv, cross_spec))
+            return self.norm2(x + self.ffn(x, spec))
         memory = self.norm1(memory) if memory is not None else None
         x = x + self.attn(self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache, memory=memory, recall=recall)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), cross_kv, cross_spec)
         return x + self.ffn(self.norm2(x), spec)
 
+    def attention_input(self, x: Tensor) -> Tensor:
+        """What the attention sublayer reads of x, with the norm's weights frozen: norm1(x) pre-norm,
+        x itself post-norm."""
+        return x if self.post else frozen(self.norm1, x)
+
     def frozen_attention(self, queries: Tensor | int, states: Tensor) -> tuple[Tensor, Tensor]:
         """This layer's attention with its weights frozen and no positions (Attention.content), the
         queries from `queries` (B, T, d) and the keys and values from `states` (B, M, d), both
-        taken through the layer's norm as its inputs are: per-head outputs (B, H, T, D) and weights
+        read as the layer's attention reads its inputs (attention_input): per-head outputs (B, H, T, D) and weights
         (B, H, T, M). An int T: the last T states are the queries, each seeing none after itself.
         For the Compressive Transformer's memory usage and reconstruction loss."""
-        x = frozen(self.norm1, states)
+        x = self.attention_input(states)
         if isinstance(queries, int):
             return self.attn.content(x[:, -queries:], x, causal=True)
-        return self.attn.content(frozen(self.norm1, queries), x)
+        return self.attn.content(self.attention_input(queries), x)

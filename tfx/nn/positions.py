@@ -30,6 +30,7 @@ class PositionScheme(nn.Module):
     relative = False         # only distances matter (memory before a segment, sinks re-positioned in a cache)
     any_grid = False         # images: defined on a patch grid of another size than the training one
     images_only = False      # defined on a patch grid only (the 2-D schemes): refused for text families
+    learns_in_attention = False  # has weights used inside attention (bias, adjust): reversible layers refuse it
 
     def __init__(self, cfg, *, d_model: int, d_head: int, n_heads: int, max_len: int, causal: bool,
                  n_layers: int = 1, grid: tuple[int, int, int] | None = None):

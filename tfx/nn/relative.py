@@ -38,6 +38,7 @@ class Shaw(PositionScheme):
     (as the score bias q_i·a^K_ij / sqrt(d)) and to the values (out_i += sum_j w_ij a^V_ij)."""
 
     relative = True
+    learns_in_attention = True
     uses_bias = True
     needs_score_mods = True
 
@@ -70,6 +71,7 @@ class TransformerXL(PositionScheme):
     content bias u and position bias v per head and shared by the layers (as in the paper)."""
 
     relative = True
+    learns_in_attention = True
     uses_bias = True
 
     def __init__(self, cfg, **kw):
@@ -102,6 +104,7 @@ class DistanceAware(PositionScheme):
     ReLU-clipped scores before the softmax. w = v = 0 at the start: a scale of 1 everywhere."""
 
     relative = True
+    learns_in_attention = True
     needs_score_mods = True
 
     def __init__(self, cfg, **kw):
@@ -144,6 +147,7 @@ class T5Bias(PositionScheme):
     distance bucket, shared by the layers and added to the scores."""
 
     relative = True
+    learns_in_attention = True
     uses_bias = True
 
     def __init__(self, cfg, **kw):

@@ -21,18 +21,26 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tfx.errors import UsageError
+from tfx.nn import reversible as rev
+from tfx.nn.depth import UniversalDepth
 from tfx.nn.dropout import Dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.layers import Attention, Block, CrossAttention, FeedForward, default_d_ff, make_norm
 from tfx.nn.memory import sinks as streaming
 from tfx.nn.regularisers import SPECIAL_IDS, WordDropout
+from tfx.nn.simplified import ShapedAttention, SimplifiedBlock
 from tfx.nn.state import CrossKV, StackState
 from tfx.registry import ATTENTION, MEMORY, POSITION
 import tfx.nn.relative  # noqa: F401  (registers shaw, xl, da, t5)
 
 
 class TransformerStack(nn.Module):
-    """Embeddings -> position scheme -> N pre-norm blocks -> final norm.
+    """Embeddings -> position scheme -> N blocks -> final norm.
+
+    The blocks are pre-norm (`model.norm_position = "pre"`), post-norm ("post": no final norm then),
+    or He & Hofmann's simplified ones (`model.block = "simplified"`, tfx/nn/simplified.py); applied
+    once each, or as one shared step repeated with halting (`[model.depth]`, tfx/nn/depth.py), or as
+    reversible couplings of two streams (`model.reversible`, tfx/nn/reversible.py).
 
     `cross=True` adds cross-attention to an encoder's output in every block (a seq2seq decoder);
     `embed` shares an existing embedding table (tied source/target vocabularies); `word_dropout`
@@ -75,17 +83,29 @@ class TransformerStack(nn.Module):
                                    max_len=cfg.context, layer=layer, shared=shared)
 
         dense = ATTENTION.config_model("dense")()  # cross-attention: every source token, any kind of self-attn
-        self.blocks = nn.ModuleList(
-            Block(
-                attn=Attention(**heads, kernel=kernel(cfg.attention, i), layer=i),
-                ffn=FeedForward(d_model=cfg.d_model, d_ff=d_ff, kind=cfg.ffn, bias=cfg.bias, dropout=cfg.dropout,
-                                two_d=grid is not None),
-                norm=cfg.norm, d_model=cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias,
-                cross=CrossAttention(**heads, kernel=kernel(dense, i)) if cross else None,
-            )
-            for i in range(n_layers)
-        )
-        self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        norms = dict(norm=cfg.norm, d_model=cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        simplified = getattr(cfg, "block", "standard") == "simplified"
+        post = getattr(cfg, "norm_position", "pre") == "post"
+
+        def block(i: int) -> nn.Module:  # built in this order: the kernels' and layers' random draws depend on it
+            attn = ShapedAttention(d_model=cfg.d_model, n_heads=cfg.n_heads, bias=cfg.bias,
+                                   kernel=kernel(cfg.attention, i), layer=i) if simplified else \
+                Attention(**heads, kernel=kernel(cfg.attention, i), layer=i)
+            ffn = FeedForward(d_model=cfg.d_model, d_ff=d_ff, kind=cfg.ffn, bias=cfg.bias, dropout=cfg.dropout,
+                              two_d=grid is not None, chunks=getattr(cfg, "ffn_chunks", 1))
+            if simplified:
+                return SimplifiedBlock(attn=attn, ffn=ffn, **norms)
+            return Block(attn=attn, ffn=ffn, **norms, cross=CrossAttention(**heads, kernel=kernel(dense, i)) if cross
+                         else None, post=post)
+
+        self.blocks = nn.ModuleList(block(i) for i in range(n_layers))
+        # post-norm blocks end in a norm already (the original Transformer has no final one)
+        self.norm = nn.Identity() if post else make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        depth = getattr(cfg, "depth", None)
+        self.depth = UniversalDepth(depth, cfg.d_model) if depth is not None and depth.kind == "universal" else None
+        self.reversible = getattr(cfg, "reversible", False)
+        if self.reversible and (problems := checkpointing_problems([self])):
+            raise UsageError("model.reversible recomputes each sublayer in the backward pass: " + "; ".join(problems))
         self.activation_checkpointing = False  # set_activation_checkpointing
         self.reset_parameters()
 
@@ -97,9 +117,20 @@ class TransformerStack(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         for block in self.blocks:
-            projections = [block.attn.out, block.ffn.down] + ([block.cross.out] if block.cross is not None else [])
+            if isinstance(block, SimplifiedBlock):  # no output projection; zero queries, unit gains
+                block.attn.reset_parameters()
+                projections = [block.ffn.down]
+            else:
+                projections = [block.attn.out, block.ffn.down] + ([block.cross.out] if block.cross is not None else [])
             for proj in projections:
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(len(projections) * self.n_layers))
+        if self.depth is not None:
+            self.depth.reset_parameters()
+
+    def passes(self) -> list[Block]:
+        """The blocks in the order they run: each once, or (universal depth) the shared ones max_steps
+        times; generation keeps one cache per pass."""
+        return list(self.blocks) * (self.depth.max_steps if self.depth is not None else 1)
 
     @property
     def supports_cache(self) -> bool:
@@ -126,7 +157,7 @@ class TransformerStack(nn.Module):
         return StackState([
             block.attn.kernel.new_cache(batch, self.n_kv_heads, max_len, device=device or p.device,
                                         dtype=dtype or p.dtype)
-            for block in self.blocks
+            for block in self.passes()
         ])
 
     def new_stream_state(self, batch: int, *, sinks: int, window: int, device=None, dtype=None) -> StackState:
@@ -168,8 +199,16 @@ class TransformerStack(nn.Module):
         if wrap is not None:
             x = torch.cat([wrap[0], x, wrap[1]], 1)  # (B, m + T + m, d_model)
         x = self.drop(self.pos.embed(x, q_pos))
-        caches = state.layers if state is not None and state.layers else [None] * len(self.blocks)
+        caches = state.layers if state is not None and state.layers else [None] * len(self.passes())
         cross_kvs, cross_spec = self.cross_inputs(q_pos, state, source, source_mask)
+        if self.depth is not None:
+            kw = dict(pos=self.pos, spec=spec, q_pos=q_pos, cross_spec=cross_spec, memory=None, recall=None)
+            return self.norm(self.universal(x, caches, cross_kvs, key_padding_mask, **kw)), state
+        if self.reversible:
+            layers = rev.sublayers(self.blocks, caches, cross_kvs, pos=self.pos, spec=spec, q_pos=q_pos,
+                                   cross_spec=cross_spec)
+            grad = self.training and torch.is_grad_enabled()
+            return self.norm(rev.reversible(x, layers) if grad else rev.couple(x, layers)), state
         hooks = self.recurrence.hooks(memory, tokens) if memory is not None else None
         inputs = []
         for i, (block, cache, kv) in enumerate(zip(self.blocks, caches, cross_kvs)):
@@ -180,6 +219,18 @@ class TransformerStack(nn.Module):
         if memory is not None:  # the next segment's memory, from the inputs of each layer
             state.aux_loss = self.recurrence.carry(memory, inputs, self.blocks)
         return self.norm(x), state
+
+    def universal(self, x: Tensor, caches: list, cross_kvs: list, real: Tensor | None, **kw) -> Tensor:
+        """Universal depth (tfx/nn/depth.py): step n runs the shared blocks with the caches of pass
+        n * n_layers + i."""
+        L = len(self.blocks)
+
+        def step(n: int, h: Tensor) -> Tensor:
+            for i, block in enumerate(self.blocks):
+                h = self.run_block(block, h, cache=caches[n * L + i], cross_kv=cross_kvs[i], **kw)
+            return h
+
+        return self.depth(x, step, real=real)
 
     def run_block(self, block: Block, x: Tensor, **kw) -> Tensor:
         """One block; with activation checkpointing, while training with gradients, its activations

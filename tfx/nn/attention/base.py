@@ -57,6 +57,9 @@ class AttentionKernel(nn.Module):
     supports_padding: ClassVar[bool] = True      # takes spec.key_padding_mask
     complexity: ClassVar[str] = "O(T^2)"        # time per sequence, for `tfx recipe kinds`
     needs_grid: ClassVar[bool] = False           # works on a patch grid (spec.grid) only: images
+    # its weights are a softmax over the keys a query may see, one pattern for every head, and it takes
+    # grouped-query heads: a query of zeros weighs those keys evenly (the simplified block's C)
+    softmax_over_keys: ClassVar[bool] = False
 
     def __init__(self, cfg, *, n_heads: int, d_head: int, dropout: float = 0.0, max_len: int = 0,
                  layer: int = 0, shared: dict | None = None):
@@ -102,8 +105,10 @@ class AttentionKernel(nn.Module):
 
 
 def aux_losses(model: nn.Module) -> Tensor | None:
-    """The sum of every kernel's per-token training penalty in `model` (adaptive span), or None."""
-    losses = [loss for m in model.modules() if isinstance(m, AttentionKernel) and (loss := m.aux_loss()) is not None]
+    """The sum of the per-token training penalties of `model`'s modules that have one (`aux_loss`:
+    a kernel's adaptive span, the Universal Transformer's ponder cost), or None."""
+    losses = [loss for m in model.modules() if callable(getattr(m, "aux_loss", None))
+              and (loss := m.aux_loss()) is not None]
     return sum(losses) if losses else None
 
 

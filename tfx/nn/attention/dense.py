@@ -77,6 +77,7 @@ class DenseAttention(AttentionKernel):
     """Full softmax attention; SDPA picks the fastest backend for the device."""
 
     supports_score_mods = True
+    softmax_over_keys = True
 
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)

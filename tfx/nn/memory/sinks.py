@@ -99,7 +99,7 @@ def new_stream_state(stack, batch: int, *, sinks: int, window: int, device=None,
         raise ValueError("; ".join(problems))
     p = stack.embed.weight
     return StackState([SinkCache(batch, stack.n_kv_heads, stack.d_head, sinks=sinks, window=window,
-                                 device=device or p.device, dtype=dtype or p.dtype) for _ in stack.blocks])
+                                 device=device or p.device, dtype=dtype or p.dtype) for _ in stack.passes()])
 
 
 def stream_problems(stack) -> list[str]:
