@@ -6,7 +6,8 @@ import torch
 
 from tfx.config import import_kinds, validate
 from tfx.families import build_model
-from tfx.registry import POSITION
+from tfx.kinds import works_with
+from tfx.registry import ATTENTION, POSITION
 
 import_kinds()
 V = 23
@@ -38,6 +39,8 @@ VARIANTS = {
     "simplified": {"block": "simplified"},  # shaped attention: schemes without a score bias only
     "universal-act": {"depth": {"kind": "universal", "max_steps": 3}},  # shared blocks, halting per position
     "reversible-chunked": {"reversible": True, "ffn_chunks": 3},  # two streams; schemes without weights in attention
+    "per-layer-kinds": {"attention": {"kind": "local", "window": 4, "per_layer": {"kind": ["local", "dense"],
+                                                                                  "window": [3, ""]}}},
 }
 
 
@@ -45,6 +48,8 @@ def scheme_fits(position: str, variant: str) -> bool:
     pos = POSITION.get(position)
     if variant == "reversible-chunked":
         return not pos.learns_in_attention
+    if variant == "per-layer-kinds":
+        return works_with(ATTENTION.get("local"), pos)
     return variant != "simplified" or not (pos.uses_bias or pos.needs_score_mods)
 
 

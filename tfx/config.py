@@ -116,8 +116,16 @@ class ModelConfig(Strict):
     patch: int = Field(4, gt=0)                     # vit: patches of patch x patch pixels
     stem: int = Field(0, ge=0)                      # vit: channels of a 3x3 conv + GELU before the patches; 0: none
     attention: AttentionKind = _default(ATTENTION, "dense")
+    attention_layers: list[AttentionKind] | None = None  # one per layer ([model.attention.per_layer])
     position: PositionKind = _default(POSITION, "learned")
     memory: MemoryKind = _default(MEMORY, "none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_layer(cls, data: Any) -> Any:
+        from tfx.config_layers import split_per_layer
+
+        return split_per_layer(data)
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -354,6 +362,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (in a list: model.attention_layers)
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 

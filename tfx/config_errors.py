@@ -9,6 +9,16 @@ from pydantic import BaseModel
 from tfx.registry import ATTENTION, MEMORY, OPTIMIZER, POSITION, SCHEDULE, TOKENIZER, closest
 
 
+def _element(annotation: Any) -> Any:
+    """`X | None` -> X; `list[X]` -> X (the type an item of the field has)."""
+    args = getattr(annotation, "__args__", ())
+    if type(None) in args and len(args) == 2:
+        annotation = next(a for a in args if a is not type(None))
+    if getattr(annotation, "__origin__", None) is list:
+        annotation = annotation.__args__[0]
+    return annotation
+
+
 def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the last key of `loc` (for 'allowed keys' hints)."""
     cls: Any = root
@@ -16,12 +26,14 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if isinstance(cls, dict):
             cls = cls.get(part)
             continue
+        if isinstance(part, int):  # an item of a list field: its element type came before
+            continue
         fields = getattr(cls, "model_fields", None)
         if fields is None:
             return None
         if part in fields:
-            cls = fields[part].annotation
-            args = [a for a in getattr(cls, "__args__", ()) if isinstance(a, type)]
+            cls = _element(fields[part].annotation)
+            args = [a for a in getattr(cls, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
             if args and not isinstance(cls, type):  # a tagged union: the tag comes next in loc
                 cls = {a.model_fields["kind"].default: a for a in args}
         else:
@@ -43,6 +55,9 @@ def explain(err: dict, root: type[BaseModel], raw: dict) -> str:
             path.append(str(part))
             node = None
     key = ".".join(path) or "(recipe)"
+    if "attention_layers" in path[:-2]:  # a per-layer table (tfx/config_layers.py): name the layer and kind
+        i = path.index("attention_layers")
+        key = ".".join(path[:i] + ["attention"] + path[i + 3:]) + f" (layer {path[i + 1]}, a {path[i + 2]} layer)"
     kind = err["type"]
     if kind == "extra_forbidden":
         owner = _model_at(root, loc)

@@ -29,40 +29,19 @@ def works_with(kernel_cls, pos_cls) -> bool:
 
 
 def problems(recipe) -> list[str]:
-    """Every reason the recipe's attention kind, position scheme and family cannot run together."""
+    """Every reason the recipe's attention kind(s), position scheme and family cannot run together."""
     m = recipe.model
-    kind, position = m.attention.kind, m.position.kind
-    kernel, pos = ATTENTION.get(kind), POSITION.get(position)
-    out = []
+    pos = POSITION.get(m.position.kind)
     family = family_of(recipe)
-    for stack, causal, padded in ((s.name, s.causal, s.padded) for s in family.stacks):
-        where = f"the {recipe.family} {stack}" if len(family.stacks) > 1 else f"a {recipe.family} model"
-        if causal and not kernel.supports_causal:
-            out.append(f"model.attention.kind: {kind!r} cannot be causal, as {where} needs "
-                       f"(it mixes every position into every output)")
-        if not causal and not kernel.supports_bidirectional:
-            out.append(f"model.attention.kind: {kind!r} is causal only; {where} attends both ways")
-        if padded and not kernel.supports_padding:
-            out.append(f"model.attention.kind: {kind!r} cannot mask padding, which {where} has")
-    if pos.uses_bias and not kernel.supports_bias:
-        out.append(f"model.position.kind: {position!r} adds a bias to the attention scores, which "
-                   f"{kind!r} never forms; use a position scheme without a bias (rope, sinusoidal, learned, none)")
-    if pos.needs_score_mods and not kernel.supports_score_mods:
-        out.append(f"model.position.kind: {position!r} needs the attention weights themselves "
-                   f"(relative values or distance scaling), which only the dense kernel materialises")
-    if not family.images and getattr(kernel, "needs_grid", False):
-        out.append(f"model.attention.kind: {kind!r} works on a grid of image patches; a {recipe.family} model "
-                   f"reads text (use it with family = \"{_families_with('images')}\")")
+    out: list[str] = []
+    for att in m.attention_layers or [m.attention]:  # every layer's kind, when they differ
+        out.extend(msg for msg in attention_problems(recipe, att, family, pos) if msg not in out)
     if not family.images and pos.images_only:
-        out.append(f"model.position.kind: {position!r} places positions on a grid of image patches; a "
+        out.append(f"model.position.kind: {m.position.kind!r} places positions on a grid of image patches; a "
                    f"{recipe.family} model reads text (1-D schemes: learned, sinusoidal, rope, ...)")
-    if m.block == "simplified":
-        from tfx.nn.simplified import simplified_problems
-
-        out.extend(simplified_problems(recipe, kernel, pos))
-        if any(s.cross for s in family.stacks):
-            out.append(f"model.block: 'simplified' has no cross-attention sublayer, which the {recipe.family} "
-                       "decoder needs (He & Hofmann define decoder-only and encoder-only blocks)")
+    if m.block == "simplified" and any(s.cross for s in family.stacks):
+        out.append(f"model.block: 'simplified' has no cross-attention sublayer, which the {recipe.family} "
+                   "decoder needs (He & Hofmann define decoder-only and encoder-only blocks)")
     if m.depth.kind == "universal" and m.memory.kind != "none":
         out.append(f"[model.depth] kind = 'universal' repeats the blocks in depth; a segment memory ({m.memory.kind!r}) "
                    "keeps one state per layer, which is not built for it")
@@ -87,9 +66,40 @@ def problems(recipe) -> list[str]:
     out.extend(memory_problems(recipe))
     if m.memory.kind != "none" and not family.memory:
         out.append(f"model.memory.kind: {m.memory.kind!r} is for the {_families_with('memory')} family")
+    return out
+
+
+def attention_problems(recipe, att, family, pos) -> list[str]:
+    """Why one attention table `att` (the model's, or one layer's) cannot run in this recipe."""
+    m = recipe.model
+    kind, position = att.kind, m.position.kind
+    kernel = ATTENTION.get(kind)
+    out = []
+    for stack, causal, padded in ((s.name, s.causal, s.padded) for s in family.stacks):
+        where = f"the {recipe.family} {stack}" if len(family.stacks) > 1 else f"a {recipe.family} model"
+        if causal and not kernel.supports_causal:
+            out.append(f"model.attention.kind: {kind!r} cannot be causal, as {where} needs "
+                       f"(it mixes every position into every output)")
+        if not causal and not kernel.supports_bidirectional:
+            out.append(f"model.attention.kind: {kind!r} is causal only; {where} attends both ways")
+        if padded and not kernel.supports_padding:
+            out.append(f"model.attention.kind: {kind!r} cannot mask padding, which {where} has")
+    if pos.uses_bias and not kernel.supports_bias:
+        out.append(f"model.position.kind: {position!r} adds a bias to the attention scores, which "
+                   f"{kind!r} never forms; use a position scheme without a bias (rope, sinusoidal, learned, none)")
+    if pos.needs_score_mods and not kernel.supports_score_mods:
+        out.append(f"model.position.kind: {position!r} needs the attention weights themselves "
+                   f"(relative values or distance scaling), which only the dense kernel materialises")
+    if not family.images and getattr(kernel, "needs_grid", False):
+        out.append(f"model.attention.kind: {kind!r} works on a grid of image patches; a {recipe.family} model "
+                   f"reads text (use it with family = \"{_families_with('images')}\")")
+    if m.block == "simplified":
+        from tfx.nn.simplified import simplified_problems
+
+        out.extend(simplified_problems(recipe, att, kernel, pos))
     check = getattr(kernel, "check_recipe", None)
     if check is not None:
-        out.extend(f"model.attention: {msg}" for msg in check(m.attention, m))
+        out.extend(f"model.attention: {msg}" for msg in check(att, m))
     return out
 
 

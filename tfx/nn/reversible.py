@@ -53,7 +53,9 @@ def couple(x: Tensor, layers: list[tuple]) -> Tensor:
 def reversible(x: Tensor, layers: list[tuple]) -> Tensor:
     """The couplings, keeping only the final streams for the backward pass (training). Every tensor a
     sublayer reads that needs a gradient (its weights, the encoder's keys and values) is an input of
-    the autograd function, so the gradient reaches it."""
+    the autograd function, so its backward runs even when x needs none (frozen embeddings); the
+    weights get their gradients in .grad, as a backward pass gives them, the other inputs through
+    the function's return."""
     inputs: list[Tensor] = []
     index: dict[int, int] = {}
 
@@ -108,23 +110,25 @@ class Couplings(torch.autograd.Function):
         a, b = a.detach(), b.detach()
         da = torch.zeros_like(a) if da is None else da
         db = torch.zeros_like(b) if db is None else db
-        grads: list[Tensor | None] = [None] * ctx.n_inputs
+        grads: list[Tensor | None] = [None] * ctx.n_inputs  # the extras' (the weights' go to .grad)
         now = _rng(a.device)
         kind, on, dtype = ctx.autocast
         for j in reversed(range(len(ctx.fs))):
             _set_rng(ctx.rng[j], a.device)
             other = (b if j % 2 == 0 else a).detach().requires_grad_(True)
             extras = [inputs[i].detach().requires_grad_(inputs[i].requires_grad) for i in ctx.extra[j]]
-            wrt = [(i, inputs[i]) for i in ctx.owned[j]] + [(i, e) for i, e in zip(ctx.extra[j], extras)
-                                                             if e.requires_grad]
+            weights = [inputs[i] for i in ctx.owned[j]]
             with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=on):
                 out = ctx.fs[j](other, *extras)
-            g_out = da if j % 2 == 0 else db
-            g_other, *g_rest = torch.autograd.grad(out, [other, *(t for _, t in wrt)], grad_outputs=g_out,
-                                                   allow_unused=True)
-            for (i, _), g in zip(wrt, g_rest):
-                if g is not None:
-                    grads[i] = g if grads[i] is None else grads[i] + g
+            # backward (not autograd.grad, which module hooks such as FlopCounterMode's cannot run
+            # under): the weights' .grad accumulates as in any backward pass; the input's and the
+            # extras' gradients are read off their detached copies
+            leaves = [other, *(e for e in extras if e.requires_grad), *weights]
+            torch.autograd.backward(out, grad_tensors=(da if j % 2 == 0 else db).to(out.dtype), inputs=leaves)
+            g_other = other.grad
+            for i, e in zip(ctx.extra[j], extras):
+                if e.requires_grad and e.grad is not None:
+                    grads[i] = e.grad if grads[i] is None else grads[i] + e.grad
             with torch.no_grad():
                 if j % 2 == 0:  # a = a_in + f(b): undo it; b's gradient gains f's
                     a = a - out

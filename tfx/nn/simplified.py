@@ -95,13 +95,13 @@ class SimplifiedBlock(nn.Module):
         return self.attn(h, pos=pos, spec=spec, q_pos=q_pos, cache=cache) + self.ffn_gain.to(h.dtype) * self.ffn(h, spec)
 
 
-def simplified_problems(recipe, kernel, pos) -> list[str]:
-    """Why a recipe cannot use `model.block = "simplified"` (empty when it can)."""
+def simplified_problems(recipe, att, kernel, pos) -> list[str]:
+    """Why a recipe cannot use `model.block = "simplified"` with attention table `att` (empty when it can)."""
     m = recipe.model
     out = []
     what = "model.block: 'simplified'"
-    if not getattr(kernel, "softmax_over_keys", False) or getattr(m.attention, "adaptive_span", False):
-        out.append(f"{what} subtracts the even weighting of the keys a query sees, which the {m.attention.kind!r} "
+    if not getattr(kernel, "softmax_over_keys", False) or getattr(att, "adaptive_span", False):
+        out.append(f"{what} subtracts the even weighting of the keys a query sees, which the {att.kind!r} "
                    "kernel is not known to give a query of zeros (built and tested with dense attention only, "
                    "without adaptive_span)")
     if pos.uses_bias or pos.needs_score_mods:

@@ -89,8 +89,8 @@ class TransformerStack(nn.Module):
 
         def block(i: int) -> nn.Module:  # built in this order: the kernels' and layers' random draws depend on it
             attn = ShapedAttention(d_model=cfg.d_model, n_heads=cfg.n_heads, bias=cfg.bias,
-                                   kernel=kernel(cfg.attention, i), layer=i) if simplified else \
-                Attention(**heads, kernel=kernel(cfg.attention, i), layer=i)
+                                   kernel=kernel(layer_attention(cfg, i), i), layer=i) if simplified else \
+                Attention(**heads, kernel=kernel(layer_attention(cfg, i), i), layer=i)
             ffn = FeedForward(d_model=cfg.d_model, d_ff=d_ff, kind=cfg.ffn, bias=cfg.bias, dropout=cfg.dropout,
                               two_d=grid is not None, chunks=getattr(cfg, "ffn_chunks", 1))
             if simplified:
@@ -273,6 +273,12 @@ class TransformerStack(nn.Module):
         spec = AttnSpec(q_pos=q_pos, k_pos=torch.arange(S, device=q_pos.device), causal=False,
                         key_padding_mask=cross.mask)
         return cross.kv, spec
+
+
+def layer_attention(cfg, layer: int):
+    """Layer `layer`'s attention table (a per-layer list, or the one table)."""
+    layers = getattr(cfg, "attention_layers", None)
+    return layers[layer] if layers else cfg.attention
 
 
 def recompute(stack: TransformerStack, tokens: Tensor, state: StackState, key_padding_mask: Tensor | None,
