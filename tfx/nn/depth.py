@@ -23,7 +23,6 @@ output is, not how much is computed. In evaluation the steps each position took 
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable
 
 import torch
@@ -40,7 +39,7 @@ class UniversalDepth(nn.Module):
         self.halt = nn.Linear(d_model, 1) if cfg.act else None
         self.timestep = nn.Parameter(torch.zeros(cfg.max_steps, d_model))  # one learned signal per step
         self.penalty: Tensor | None = None  # the last training forward's ponder cost
-        self.tally: Counter = Counter()  # steps -> positions, in evaluation
+        self.register_buffer("tally", torch.zeros(cfg.max_steps + 1, dtype=torch.long), persistent=False)  # in eval
 
     def reset_parameters(self) -> None:
         """Step signals at the token embeddings' scale (N(0, 0.02)); a halting bias of 1 (Graves'
@@ -88,7 +87,8 @@ class UniversalDepth(nn.Module):
             self.penalty = None if remainder is None or not self.cost else \
                 self.cost * (steps + remainder)[real].float().mean()
         else:
-            self.tally.update(int(n) for n in steps[real].round().long().flatten().tolist())
+            # positions per step count, on the device: no host sync per forward (a decode step is one)
+            self.tally += torch.bincount(steps[real].round().long().flatten(), minlength=self.max_steps + 1)
 
     def aux_loss(self) -> Tensor | None:
         """The ponder cost of the last training forward, per token (taken once)."""
@@ -98,23 +98,18 @@ class UniversalDepth(nn.Module):
 
 def depth_report(model: nn.Module) -> dict | None:
     """Steps per position tallied by the model's UniversalDepth modules since `reset_tallies`: the
-    mean and the distribution, or None for a model without one."""
-    tally: Counter = Counter()
-    found = False
-    for m in model.modules():
-        if isinstance(m, UniversalDepth):
-            found = True
-            tally.update(m.tally)
-    if not found or not tally:
+    mean and the distribution, or None for a model without one (or nothing tallied)."""
+    tallies = [m.tally for m in model.modules() if isinstance(m, UniversalDepth)]
+    counts = sum(t.cpu() for t in tallies) if tallies else None
+    if counts is None or not int(counts.sum()):
         return None
-    n = sum(tally.values())
-    return {"mean_steps": round(sum(k * v for k, v in tally.items()) / n, 4), "positions": n,
-            "steps": {str(k): round(v / n, 4) for k, v in sorted(tally.items())}}
+    n = int(counts.sum())
+    return {"mean_steps": round(float((counts * torch.arange(len(counts))).sum()) / n, 4), "positions": n,
+            "steps": {str(k): round(int(c) / n, 4) for k, c in enumerate(counts.tolist()) if c}}
 
 
 def reset_tallies(model: nn.Module) -> None:
     """Start counting steps afresh (before an evaluation)."""
     for m in model.modules():
         if isinstance(m, UniversalDepth):
-            m.tally.clear()
-
+            m.tally.zero_()

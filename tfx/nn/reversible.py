@@ -39,14 +39,23 @@ def sublayers(blocks, caches: list, cross_kvs: list, *, pos, spec, q_pos, cross_
     return out
 
 
+def streams(x: Tensor, fs: list[Sublayer], extras: list[list[Tensor]], before=None) -> tuple[Tensor, Tensor]:
+    """The couplings run forward: sublayer j adds fs[j](the other stream, *extras[j]) to stream j mod 2;
+    `before(j)` is called first at each (the autograd function keeps the random state there)."""
+    a, b = x, x
+    for j, f in enumerate(fs):
+        if before is not None:
+            before(j)
+        if j % 2 == 0:
+            a = a + f(b, *extras[j])
+        else:
+            b = b + f(a, *extras[j])
+    return a, b
+
+
 def couple(x: Tensor, layers: list[tuple]) -> Tensor:
     """The couplings run forward with autograd as usual: (B, T, d) -> (B, T, d)."""
-    a, b = x, x
-    for j, (f, _, extras) in enumerate(layers):
-        if j % 2 == 0:
-            a = a + f(b, *extras)
-        else:
-            b = b + f(a, *extras)
+    a, b = streams(x, [f for f, _, _ in layers], [e for _, _, e in layers])
     return (a + b) / 2
 
 
@@ -92,15 +101,9 @@ class Couplings(torch.autograd.Function):
         ctx.fs, ctx.owned, ctx.extra, ctx.n_inputs, ctx.rng = fs, owned, extra, len(inputs), []
         kind = x.device.type  # the backward pass recomputes under the same autocast as this forward
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        a, b = x, x
         with torch.no_grad():
-            for j, f in enumerate(fs):
-                ctx.rng.append(_rng(x.device))
-                extras = [inputs[i] for i in extra[j]]
-                if j % 2 == 0:
-                    a = a + f(b, *extras)
-                else:
-                    b = b + f(a, *extras)
+            a, b = streams(x, fs, [[inputs[i] for i in e] for e in extra],
+                           before=lambda j: ctx.rng.append(_rng(x.device)))
         ctx.save_for_backward(a, b, *inputs)
         return a, b
 
