@@ -90,6 +90,17 @@ class DepthConfig(Strict):
     ponder_cost: float = Field(0.01, ge=0.0)           # weight of the ponder cost (steps + remainder) per token
 
 
+class ExitConfig(Strict):
+    """Depth-adaptive decoding (CALM; Schuster et al., 2022; tfx/nn/early_exit.py): an exit after every
+    layer (the shared output head behind a norm of its own), trained with the layers' losses weighted
+    by depth; a decoded token leaves at the first layer whose confidence reaches `threshold`."""
+    kind: Literal["none", "calm"] = "none"
+    # softmax: the exit's top probability; saturation: cosine of the layer's output and input;
+    # classifier: a learned unit trained to predict that the exit agrees with the last layer
+    measure: Literal["softmax", "saturation", "classifier"] = "softmax"
+    threshold: float = Field(1.0, ge=0.0, le=1.0)  # 1: never exit (`tfx calibrate-exit` finds one)
+
+
 class ModelConfig(Strict):
     d_model: int = Field(256, gt=0)
     n_layers: int = Field(4, gt=0)
@@ -108,6 +119,7 @@ class ModelConfig(Strict):
     depth: DepthConfig = Field(default_factory=DepthConfig)
     reversible: bool = False  # RevNet couplings: activations recomputed in backward (tfx/nn/reversible.py)
     ffn_chunks: int = Field(1, gt=0)  # the Reformer's chunked feed-forward: this many slices of the sequence
+    exit: ExitConfig = Field(default_factory=ExitConfig)  # [model.exit]: CALM's early exits (lm, seq2seq)
     bias: bool = True
     tie_embeddings: bool = True
     encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)

@@ -170,12 +170,17 @@ def learned_spans(model) -> list[list[float]]:
 def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "best", seed: int | None = None,
                    on_text: Callable[[str], None] | None = None, knn: dict | None = None,
                    stop: Iterable[str] = (), nbest: int | None = None, stream_window: int | None = None,
-                   sinks: int | None = None, **overrides) -> Iterable[tuple[str, str]]:
+                   sinks: int | None = None, exit_threshold: float | None = None,
+                   **overrides) -> Iterable[tuple[str, str]]:
     """Yield (input line, output) per input, in order. `on_text` streams pieces as they come.
     `overrides` are keys of the recipe's [generate] table (None = the recipe's value), validated as
-    the recipe's own values are; a bad one is a UsageError naming it."""
+    the recipe's own values are; a bad one is a UsageError naming it. `exit_threshold`: a CALM run's
+    (default: RUN/exit.json's, else the recipe's)."""
+    from tfx.calibrate import use_exit
+
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
     config = C.generate_settings(recipe.generate, overrides)
+    use_exit(model, recipe, run_dir, exit_threshold, log)  # CALM's early exits, where calibrated
     if stream_window is not None:
         need_text_lm(recipe, "--stream-window")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 
 from tfx.bench.train import sync_device, peak_rss_mib
+from tfx.calibrate import use_exit
+from tfx.nn.early_exit import exit_report, reset_exit_tallies
 from tfx.errors import UsageError
 
 
@@ -42,7 +44,11 @@ def decode_once(model, prompt: torch.Tensor, new_tokens: int, autocast,
 
 
 def bench_generate(run_dir: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, precision: str,
-                   device: str, checkpoint: str, log: Callable[[str], None], compile: bool | None = None) -> dict:
+                   device: str, checkpoint: str, log: Callable[[str], None], compile: bool | None = None,
+                   exit_threshold: float | None = None) -> dict:
+    """The row `tfx bench generate` prints. A CALM run decoding with exits (RUN/exit.json, or
+    `exit_threshold` < 1) is also decoded without them, alternately, and the row adds the full
+    model's decode tokens/s, the ratio, the mean layers used and the share of tokens both chose."""
     from tfx.decoding.generate import decode_step
     from tfx.families import need_text_lm
     from tfx.rundir import load_run
@@ -68,12 +74,31 @@ def bench_generate(run_dir: str, *, batch: int, prompt_len: int, new_tokens: int
     compile = recipe.generate.compile if compile is None else compile
     step = decode_step(model, compile)
     decode_once(model, prompt, new_tokens if compile else min(new_tokens, 8), autocast, step)  # warm-up, compile
-    prefill_s, decode_s = [], []
+    exits = getattr(model, "exits", None)
+    use_exit(model, recipe, run_dir, exit_threshold, log)
+    threshold = exits.threshold if exits is not None else 1.0
+    prefill_s, decode_s, full_s, agree = [], [], [], []
     for _ in range(repeats):
-        p, d, _ = decode_once(model, prompt, new_tokens, autocast, step)
+        if threshold < 1:  # the full model too, alternating with the exits: a ratio from one process
+            exits.threshold = 1.0
+            _, d, full = decode_once(model, prompt, new_tokens, autocast, step)
+            full_s.append(d)
+            exits.threshold = threshold
+            reset_exit_tallies(model)
+        p, d, out = decode_once(model, prompt, new_tokens, autocast, step)
         prefill_s.append(p)
         decode_s.append(d)
+        if threshold < 1:
+            agree.append(float((out == full).double().mean()))
     prefill, decode = statistics.median(prefill_s), statistics.median(decode_s)
+    extra = {}
+    if threshold < 1:
+        full = statistics.median(full_s)
+        report = exit_report(model) or {}
+        extra = {"exit_threshold": threshold, "exit_measure": exits.measure,
+                 "mean_layers": report.get("mean_layers"), "layers": len(model.stack.blocks),
+                 "full_decode_tokens_per_s": batch * (new_tokens - 1) / full,
+                 "exit_speedup": full / decode, "same_tokens_as_full": statistics.median(agree)}
     return {
         "run": str(run_dir), "device": dev.type, "precision": precision, "compile": compile,
         "threads": torch.get_num_threads(),
@@ -83,5 +108,5 @@ def bench_generate(run_dir: str, *, batch: int, prompt_len: int, new_tokens: int
         "decode_ms_per_token": 1000 * decode / (new_tokens - 1),
         "decode_tokens_per_s": batch * (new_tokens - 1) / decode,
         "tokens_per_s": batch * new_tokens / (prefill + decode),  # new tokens over the whole generation
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(), **extra,
     }

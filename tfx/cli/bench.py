@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from tfx.cli.common import SET, err, out_console
+from tfx.cli.options import EXIT_THRESHOLD
 from tfx.errors import UsageError
 
 bench_app = typer.Typer(help="Speed and memory: a table, --json/--csv, a plot.", no_args_is_help=True)
@@ -161,11 +162,13 @@ def bench_generate_cmd(
     checkpoint: str = typer.Option("best", help="best or last."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the decode step (default: the recipe's generate.compile)."),
+    exit_threshold: Optional[float] = EXIT_THRESHOLD,
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
     csv_out: bool = typer.Option(False, "--csv", help="One CSV row on stdout."),
 ):
     """Prefill and decode speed of a trained LM with its KV cache: prefill tokens/s, decode tokens/s
-    and ms per token (greedy, batch B, fixed random prompts)."""
+    and ms per token (greedy, batch B, fixed random prompts). A CALM run decoding with early exits is
+    timed without them too, alternately: the speed-up, mean layers used and tokens both chose."""
     from tfx.bench.generate import bench_generate
 
     fmt = output_format(json_out, csv_out)
@@ -173,5 +176,5 @@ def bench_generate_cmd(
         raise UsageError(f"--precision {precision!r}: expected auto, fp32, bf16 or fp16")
     row = bench_generate(str(run), batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                          precision=precision, device=device, checkpoint=checkpoint, log=err,
-                         compile=compile)
+                         compile=compile, exit_threshold=exit_threshold)
     _emit_row(row, fmt, f"generate: {run} (batch {batch}, {precision}, {row['device']})")

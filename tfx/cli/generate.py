@@ -8,7 +8,8 @@ from typing import Iterable, List, Optional
 import typer
 
 from tfx.cli.common import check_checkpoint, stdin_lines, unescape
-from tfx.cli.options import KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, knn_overrides, stream_options
+from tfx.cli.options import (EXIT_THRESHOLD, KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, knn_overrides,
+                             stream_options)
 from tfx.errors import UsageError
 
 
@@ -41,6 +42,7 @@ def generate(
     knn_candidates: Optional[int] = KNN_CANDIDATES,
     stream_window: Optional[int] = STREAM_WINDOW,
     sinks: Optional[int] = SINKS,
+    exit_threshold: Optional[float] = EXIT_THRESHOLD,
 ):
     """Continue (lm), translate (seq2seq) or label (classifier) PROMPT, or each stdin line with '-'.
 
@@ -68,7 +70,7 @@ def generate(
     outputs = run.generate_lines(str(run_dir), prompts, checkpoint=checkpoint, seed=seed,
                                  on_text=_emit if stream else None, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stops, beam=beam,
-                                 nbest=nbest, compile=compile, knn=knn_options,
+                                 nbest=nbest, compile=compile, knn=knn_options, exit_threshold=exit_threshold,
                                  **stream_options(stream_window, sinks))
     _print_outputs(outputs, stream=stream, echo=echo, from_stdin=from_stdin)
 

@@ -43,3 +43,8 @@ def knn_overrides(knn: bool, lam: float | None, k: int | None, temperature: floa
     if any(v is not None and v <= 0 for v in (k, temperature, nprobe, candidates)):
         raise UsageError("--k, --nprobe, --candidates and the kNN temperature must be positive")
     return {name: v for name, v in given.items() if v is not None}
+
+
+EXIT_THRESHOLD = typer.Option(None, "--exit-threshold", help="A CALM run ([model.exit]): leave at the first layer "
+                              "this confident (1: the full model; default: RUN/exit.json from tfx calibrate-exit, "
+                              "else the recipe's).")

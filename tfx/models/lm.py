@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfx.errors import UsageError
+from tfx.nn.early_exit import Exits
 from tfx.nn.loss import linear_cross_entropy
 from tfx.nn.regularisers import rdrop_head_loss, twice
 from tfx.nn.stack import TransformerStack
@@ -39,6 +40,21 @@ def head_loss(head: nn.Linear, h: Tensor, target: Tensor, label_smoothing: float
                                 label_smoothing=label_smoothing, ignore_index=IGNORE)
 
 
+def make_exits(cfg, n_layers: int) -> Exits | None:
+    """CALM's exits for a decoder of n_layers (`[model.exit]`), or None."""
+    if getattr(getattr(cfg, "exit", None), "kind", "none") == "none":
+        return None
+    return Exits(cfg.exit, n_layers=n_layers, d_model=cfg.d_model, norm=cfg.norm, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def exit_loss(exits: Exits, head: nn.Linear, outputs: list[Tensor], final: Tensor, target: Tensor,
+              label_smoothing: float = 0.0) -> tuple[Tensor, dict]:
+    """(CALM's depth-weighted summed loss, parts with the exit classifier's loss as `aux_loss`)."""
+    loss, aux = exits.loss(head, outputs, final, target,
+                           lambda hd, h, t: head_loss(hd, h, t, label_smoothing), IGNORE)
+    return loss, {"aux_loss": aux} if aux is not None else {}
+
+
 class LanguageModel(nn.Module):
     """Next-token prediction over a causal TransformerStack."""
 
@@ -52,6 +68,7 @@ class LanguageModel(nn.Module):
                              f"or model.memory.kind = \"none\"")
         self.stack = TransformerStack(cfg, vocab_size=vocab_size, causal=True, word_dropout=word_dropout)
         self.head = output_head(cfg.d_model, vocab_size, self.stack.embed if cfg.tie_embeddings else None)
+        self.exits = make_exits(cfg, cfg.n_layers)
 
     @property
     def context(self) -> int:
@@ -74,6 +91,8 @@ class LanguageModel(nn.Module):
                 last: bool = False) -> tuple[Tensor, StackState | None]:
         """(B, T) token ids -> (B, T, vocab) logits; the state's caches are extended in place.
         `last`: only the last position's logits, (B, 1, vocab) (a prefill needs no others)."""
+        if self.exits is not None and self.exits.active(tokens, state, self.training):
+            return self.exits.run(self.stack, self.head, tokens, state)[0], state
         h, state = self.stack(tokens, state=state)
         return self.head(h[:, -1:] if last else h), state
 
@@ -85,6 +104,10 @@ class LanguageModel(nn.Module):
             return rdrop_head_loss(self.head, h, batch["target"], self.rdrop, ignore_index=IGNORE), {}, None
         if self.stack.recurrent and (state is None or bool(batch.get("reset", False))):
             state = self.stack.new_memory()
+        if self.exits is not None and self.training:  # CALM: every layer's exit takes a loss
+            outputs: list = []
+            h, state = self.stack(batch["input"], state=state, outputs=outputs)
+            return exit_loss(self.exits, self.head, outputs, h, batch["target"]) + (state,)
         h, state = self.stack(batch["input"], state=state)
         parts = {"aux_loss": state.aux_loss} if state is not None and state.aux_loss is not None else {}
         return head_loss(self.head, h, batch["target"]), parts, state

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tfx.models.lm import IGNORE, head_loss, output_head
+from tfx.models.lm import IGNORE, exit_loss, head_loss, make_exits, output_head
 from tfx.nn.regularisers import rdrop_head_loss, twice
 from tfx.nn.stack import TransformerStack
 from tfx.nn.state import CrossKV, StackState
@@ -30,6 +30,7 @@ class Seq2Seq(nn.Module):
         self.decoder = TransformerStack(cfg, vocab_size=vocab_size, causal=True, n_layers=cfg.decoder_layers,
                                         cross=True, embed=shared, word_dropout=word_dropout)
         self.head = output_head(cfg.d_model, vocab_size, self.decoder.embed if cfg.tie_embeddings else None)
+        self.exits = make_exits(cfg, self.decoder.n_layers)  # CALM (tfx/nn/early_exit.py), or None
 
     @property
     def context(self) -> int:
@@ -48,6 +49,8 @@ class Seq2Seq(nn.Module):
 
     def forward(self, tokens: Tensor, state: StackState) -> tuple[Tensor, StackState]:
         """Decoder step(s): (B, T) target ids -> (B, T, vocab) logits, extending the state's cache."""
+        if self.exits is not None and self.exits.active(tokens, state, self.training):
+            return self.exits.run(self.decoder, self.head, tokens, state)[0], state
         h, state = self.decoder(tokens, state=state)
         return self.head(h), state
 
@@ -58,8 +61,11 @@ class Seq2Seq(nn.Module):
         src, src_mask, tgt_in = batch["src"], batch["src_mask"], batch["tgt_in"]
         if rdrop:
             src, src_mask, tgt_in = twice(src, src_mask, tgt_in)
-        h, _ = self.decoder(tgt_in, source=self.encode(src, src_mask), source_mask=src_mask)
+        outputs: list | None = [] if self.exits is not None and self.training else None  # CALM's exits
+        h, _ = self.decoder(tgt_in, source=self.encode(src, src_mask), source_mask=src_mask, outputs=outputs)
         smoothing = self.label_smoothing if self.training else 0.0
+        if outputs is not None:
+            return exit_loss(self.exits, self.head, outputs, h, batch["tgt_out"], smoothing) + (None,)
         if rdrop:
             return rdrop_head_loss(self.head, h, batch["tgt_out"], rdrop, label_smoothing=smoothing), {}, None
         return head_loss(self.head, h, batch["tgt_out"], smoothing), {}, None

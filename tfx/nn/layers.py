@@ -9,6 +9,7 @@ from torch.func import functional_call
 from tfx.nn.dropout import Dropout
 from tfx.nn.attention.base import AttentionKernel, AttnSpec
 from tfx.nn.positions import PositionScheme
+from tfx.nn.state import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +133,20 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out(y))
 
+    def fill_cache(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor, cache) -> None:
+        """Extend `cache` with x's (B, T, d_model) keys and values and compute nothing else (a layer an
+        early-exited token skips, tfx/nn/early_exit.py). A kernel with a state of its own, or its own
+        way of extending the cache, runs its whole attention instead, and the output is dropped."""
+        if type(cache) is not KVCache or type(self.kernel).attend is not AttentionKernel.attend:
+            self(x, pos=pos, spec=spec, q_pos=q_pos, cache=cache)
+            return
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
+        bias = self.qkv.bias[H * D:] if self.qkv.bias is not None else None
+        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in F.linear(x, self.qkv.weight[H * D:], bias).chunk(2, -1))
+        _, k = pos.rotate(k, k, q_pos, q_pos)  # (B, Hkv, T, D), as forward rotates them
+        cache.update(k, v)
+
     def content(self, x: Tensor, memory: Tensor, *, causal: bool = False) -> tuple[Tensor, Tensor]:
         """Position-free attention of x's queries (B, T, d) over memory's keys and values (B, M, d),
         with gradients stopped into the projections: per-head outputs (B, H, T, D) and weights
@@ -213,6 +228,11 @@ class Block(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), cross_kv, cross_spec)
         return x + self.ffn(self.norm2(x), spec)
+
+    def fill_cache(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor, cache, **_) -> None:
+        """Write x's keys and values into this layer's cache as its attention would read x, and
+        nothing else (the state an early-exited token copies into the layers it skips)."""
+        self.attn.fill_cache(x if self.post else self.norm1(x), pos=pos, spec=spec, q_pos=q_pos, cache=cache)
 
     def attention_input(self, x: Tensor) -> Tensor:
         """What the attention sublayer reads of x, with the norm's weights frozen: norm1(x) pre-norm,

@@ -166,9 +166,10 @@ class TransformerStack(nn.Module):
 
     def forward(self, tokens: Tensor | None, *, state: StackState | None = None, key_padding_mask: Tensor | None = None,
                 source: Tensor | None = None, source_mask: Tensor | None = None, embeds: Tensor | None = None,
-                grid: tuple[int, int, int] | None = None) -> tuple[Tensor, StackState | None]:
+                grid: tuple[int, int, int] | None = None, outputs: list | None = None) -> tuple[Tensor, StackState | None]:
         """(B, T) tokens -> (B, T, d_model), through the driver the state and memory kind need;
-        images give `embeds` (B, T, d_model) instead of tokens, and their `grid` (AttnSpec.grid)."""
+        images give `embeds` (B, T, d_model) instead of tokens, and their `grid` (AttnSpec.grid);
+        `outputs` gets each layer's output (the plain driver only: `core`)."""
         if embeds is not None:
             return self.core(None, state, key_padding_mask=key_padding_mask, embeds=embeds, grid=grid)
         if state is not None and state.tokens is not None:
@@ -177,19 +178,50 @@ class TransformerStack(nn.Module):
             return self.recurrence.run(self, tokens, state)
         if streaming.needs_chunks(state, tokens.shape[1]):
             return streaming.streamed(self, tokens, state)
-        return self.core(tokens, state, key_padding_mask=key_padding_mask, source=source, source_mask=source_mask)
+        return self.core(tokens, state, key_padding_mask=key_padding_mask, source=source, source_mask=source_mask,
+                         outputs=outputs)
 
     def core(self, tokens: Tensor, state: StackState | None = None, *, key_padding_mask: Tensor | None = None,
              source: Tensor | None = None, source_mask: Tensor | None = None,
              wrap: tuple[Tensor, Tensor] | None = None, embeds: Tensor | None = None,
-             grid: tuple[int, int, int] | None = None) -> tuple[Tensor, StackState | None]:
+             grid: tuple[int, int, int] | None = None,
+             outputs: list | None = None) -> tuple[Tensor, StackState | None]:
         """One pass: (B, T) tokens -> (B, T, d_model). A cross stack attends to `source` (B, S, d_model)
         or to the keys/values the state kept from the first call; a memory state gives each layer its
         memory and takes the next. `wrap` = (before, after) (B, m, d_model) embeddings around the
         tokens (memory tokens); the output then covers them too. `embeds` (B, T, d_model) replace the
-        tokens' embeddings (images), on the (rows, cols, prefix) `grid` they give."""
+        tokens' embeddings (images), on the (rows, cols, prefix) `grid` they give. `outputs`, a
+        list, gets each layer's output in turn (CALM's exits; the blocks applied once each)."""
         memory = state.memory if state is not None else None
         mems = self.recurrence.memories(memory) if memory is not None else None
+        x, kw, caches, cross_kvs = self.enter(tokens, state, mems, key_padding_mask=key_padding_mask, source=source,
+                                              source_mask=source_mask, wrap=wrap, embeds=embeds, grid=grid)
+        if self.depth is not None:
+            return self.norm(self.universal(x, caches, cross_kvs, key_padding_mask, **kw, memory=None,
+                                            recall=None)), state
+        if self.reversible:
+            layers = rev.sublayers(self.blocks, caches, cross_kvs, **kw)
+            grad = self.training and torch.is_grad_enabled()
+            return self.norm(rev.reversible(x, layers) if grad else rev.couple(x, layers)), state
+        hooks = self.recurrence.hooks(memory, tokens) if memory is not None else None
+        inputs = []
+        for i, (block, cache, kv) in enumerate(zip(self.blocks, caches, cross_kvs)):
+            inputs.append(x)
+            x = self.run_block(block, x, **kw, cache=cache, cross_kv=kv, memory=mems[i] if mems else None,
+                               recall=hooks[i] if hooks else None)
+            if outputs is not None:
+                outputs.append(x)
+        if memory is not None:  # the next segment's memory, from the inputs of each layer
+            state.aux_loss = self.recurrence.carry(memory, inputs, self.blocks)
+        return self.norm(x), state
+
+    def enter(self, tokens: Tensor | None, state: StackState | None, mems: list[Tensor] | None = None, *,
+              key_padding_mask: Tensor | None = None, source: Tensor | None = None, source_mask: Tensor | None = None,
+              wrap: tuple[Tensor, Tensor] | None = None, embeds: Tensor | None = None,
+              grid: tuple[int, int, int] | None = None) -> tuple[Tensor, dict, list, list]:
+        """What a pass over the blocks starts from: the first block's input x (B, T, d_model), the
+        keywords every block takes (pos, spec, q_pos, cross_spec), each pass's cache and each layer's
+        cross keys/values (see `core` for the arguments)."""
         q_pos, k_pos, end = self.positions(tokens if embeds is None else embeds, state, mems, wrap)
         self.pos.use_grid(grid)
         self.pos.ensure(end)
@@ -201,24 +233,7 @@ class TransformerStack(nn.Module):
         x = self.drop(self.pos.embed(x, q_pos))
         caches = state.layers if state is not None and state.layers else [None] * len(self.passes())
         cross_kvs, cross_spec = self.cross_inputs(q_pos, state, source, source_mask)
-        if self.depth is not None:
-            kw = dict(pos=self.pos, spec=spec, q_pos=q_pos, cross_spec=cross_spec, memory=None, recall=None)
-            return self.norm(self.universal(x, caches, cross_kvs, key_padding_mask, **kw)), state
-        if self.reversible:
-            layers = rev.sublayers(self.blocks, caches, cross_kvs, pos=self.pos, spec=spec, q_pos=q_pos,
-                                   cross_spec=cross_spec)
-            grad = self.training and torch.is_grad_enabled()
-            return self.norm(rev.reversible(x, layers) if grad else rev.couple(x, layers)), state
-        hooks = self.recurrence.hooks(memory, tokens) if memory is not None else None
-        inputs = []
-        for i, (block, cache, kv) in enumerate(zip(self.blocks, caches, cross_kvs)):
-            inputs.append(x)
-            x = self.run_block(block, x, pos=self.pos, spec=spec, q_pos=q_pos, cache=cache, cross_kv=kv,
-                               cross_spec=cross_spec, memory=mems[i] if mems else None,
-                               recall=hooks[i] if hooks else None)
-        if memory is not None:  # the next segment's memory, from the inputs of each layer
-            state.aux_loss = self.recurrence.carry(memory, inputs, self.blocks)
-        return self.norm(x), state
+        return x, dict(pos=self.pos, spec=spec, q_pos=q_pos, cross_spec=cross_spec), caches, cross_kvs
 
     def universal(self, x: Tensor, caches: list, cross_kvs: list, real: Tensor | None, **kw) -> Tensor:
         """Universal depth (tfx/nn/depth.py): step n runs the shared blocks with the caches of pass
