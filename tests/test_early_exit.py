@@ -17,6 +17,7 @@ from tfx.families import build_model
 from tfx.kinds import problems
 from tfx.nn.attention.base import AttnSpec
 from tfx.nn.early_exit import exit_report, exit_weights, reset_exit_tallies
+from tfx.registry import POSITION
 
 import_kinds()
 V = 17
@@ -57,7 +58,7 @@ def first_exit_median(model, stack, tokens, **source):
     outputs = []
     with torch.no_grad():
         stack(tokens, outputs=outputs, **source)
-        x0 = stack.embed(tokens)
+        x0 = stack.enter(tokens, None, **source)[0]  # the first layer's input
         return float(model.exits.confidence(0, model.exits.norms[0](outputs[0]), outputs[0], x0, model.head).median())
 
 
@@ -227,6 +228,7 @@ def test_seq2seq_decoder_exits_copy_states_into_its_caches():
     ({"memory": {"kind": "xl", "mem_len": 8}}, "segment memory"),
     ({"depth": {"kind": "universal"}}, "universal depth"),
     ({"reversible": True}, "two streams"),
+    ({"ffn": "dwconv"}, "dwconv"),
 ])
 def test_recipes_that_cannot_take_exits_are_refused_with_the_reason(change, reason):
     change = dict(change)
@@ -287,3 +289,32 @@ def test_a_run_without_exits_refuses_an_exit_threshold():
         use_exit(plain, plain_recipe, "nowhere", 0.9)
     with pytest.raises(UsageError, match="between 0 and 1"):
         use_exit(lm(), recipe(), "nowhere", 1.5)
+
+
+SCHEMES = [p for p in POSITION.names() if not POSITION.get(p).images_only]
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+@pytest.mark.parametrize("position", SCHEMES)
+def test_exits_copy_states_up_under_every_position_scheme(position, norm_position):
+    """A prefill, then one-token steps with exits, equal the parallel pass with the same exits: the
+    keys and values written for skipped layers are the ones those layers' attention would compute."""
+    data = recipe().model_dump()
+    data["model"].update(position={"kind": position}, norm_position=norm_position)
+    torch.manual_seed(0)
+    model = roughen(build_model(validate(data), vocab_size=V).double())
+    model.exits.measure = "saturation"
+    model.exits.threshold = first_exit_median(model, model.stack, TOKENS)
+    state = model.new_state(2, 16)
+    with torch.no_grad():
+        prefill, _ = model.exits.run(model.stack, model.head, TOKENS[:, :3], state,
+                                     exit_layers=torch.full((2, 3), 3))
+        steps, layers = [prefill], [torch.full((2, 3), 3)]
+        for t in range(3, T):
+            lg, lay = model.exits.run(model.stack, model.head, TOKENS[:, t:t + 1], state)
+            steps.append(lg)
+            layers.append(lay)
+        layers = torch.cat(layers, 1)
+        forced, _ = model.exits.run(model.stack, model.head, TOKENS, model.new_state(2, 16), exit_layers=layers)
+    assert layers[:, 3:].eq(1).any() and layers[:, 3:].gt(1).any()
+    torch.testing.assert_close(torch.cat(steps, 1), forced, rtol=1e-9, atol=1e-9)

@@ -172,7 +172,9 @@ def exit_problems(recipe, family) -> list[str]:
                             (m.depth.kind != "layers", "universal depth repeats one step; its exits are ACT's"),
                             (m.reversible, "reversible layers carry two streams, not one state to copy up"),
                             (m.block != "standard", "the simplified block has no cache-filling path built"),
-                            (recipe.train.rdrop > 0, "train.rdrop's two-pass loss has no per-layer exits")):
+                            (recipe.train.rdrop > 0, "train.rdrop's two-pass loss has no per-layer exits"),
+                            (m.ffn == "dwconv", "a 'dwconv' feed-forward keeps no cache to copy states into (the "
+                             "prefix is recomputed)")):
         if setting:
             out.append(f"{why}: {reason}")
     for att in m.attention_layers or [m.attention]:
