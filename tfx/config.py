@@ -91,13 +91,9 @@ class DepthConfig(Strict):
 
 
 class ExitConfig(Strict):
-    """Depth-adaptive decoding (CALM; Schuster et al., 2022; tfx/nn/early_exit.py): an exit after every
-    layer (the shared output head behind a norm of its own), trained with the layers' losses weighted
-    by depth; a decoded token leaves at the first layer whose confidence reaches `threshold`."""
+    """CALM's early exits (Schuster et al., 2022), their confidence measure and threshold: tfx/nn/early_exit.py."""
     kind: Literal["none", "calm"] = "none"
-    # softmax: the exit's top probability; saturation: cosine of the layer's output and input;
-    # classifier: a learned unit trained to predict that the exit agrees with the last layer
-    measure: Literal["softmax", "saturation", "classifier"] = "softmax"
+    measure: Literal["softmax", "saturation", "classifier"] = "softmax"  # top probability, cos(h_i, h_i-1), learned
     threshold: float = Field(1.0, ge=0.0, le=1.0)  # 1: never exit (`tfx calibrate-exit` finds one)
 
 
