@@ -318,3 +318,49 @@ def test_exits_copy_states_up_under_every_position_scheme(position, norm_positio
         forced, _ = model.exits.run(model.stack, model.head, TOKENS, model.new_state(2, 16), exit_layers=layers)
     assert layers[:, 3:].eq(1).any() and layers[:, 3:].gt(1).any()
     torch.testing.assert_close(torch.cat(steps, 1), forced, rtol=1e-9, atol=1e-9)
+
+
+def test_a_translation_models_decoder_is_calibrated_on_reference_translations(tmp_path):
+    """seq2seq: calibration reads the references after their sources (padding excluded); translating
+    then uses the saved threshold."""
+    from tfx import run
+    from tfx.calibrate import calibrate_exit
+
+    pairs = [(f"ein haus {i} ist rot", f"a house {i} is red") for i in range(60)]
+    for name in ("train", "valid", "test"):
+        (tmp_path / f"{name}.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+family = "seq2seq"
+[data]
+train = "{tmp_path / 'train.tsv'}"
+valid = "{tmp_path / 'valid.tsv'}"
+test = "{tmp_path / 'test.tsv'}"
+[tokenizer]
+kind = "char"
+[model]
+d_model = 16
+n_heads = 2
+n_layers = 3
+context = 32
+[model.exit]
+kind = "calm"
+measure = "saturation"
+[train]
+steps = 20
+batch_size = 8
+eval_every = 0
+device = "cpu"
+""")
+    out = tmp_path / "run"
+    run.train(str(recipe), overrides=[], out=str(out), resume=None)
+    result = calibrate_exit(str(out), delta=0.2, max_tokens=300, log=lambda _: None)
+    target_tokens = 0  # characters + EOS, pair after pair until 300 are reached
+    for _, b in pairs:
+        if target_tokens >= 300:
+            break
+        target_tokens += len(b) + 1
+    assert result["tokens"] == target_tokens and result["check"]["tokens"] == target_tokens
+    assert result["agreement"] >= 0.8 and result["layers"] == 3 and result["tried"]
+    lines = list(run.generate_lines(str(out), ["ein haus 3 ist rot"]))
+    assert len(lines) == 1 and isinstance(lines[0][1], str)

@@ -1,8 +1,9 @@
 """`tfx calibrate-exit RUN --delta D`: the early-exit threshold of a CALM run (tfx/nn/early_exit.py).
 
-Agreement is measured token by token on held-out text read as a decoder reads it: windows of the
-training context, each token a one-token decode step through the KV cache with exits (teacher
-forcing: the next input is the text's token, not the model's), and a token agrees when the top token
+Agreement is measured token by token on held-out text read as a decoder reads it (an lm: windows
+of the training context; seq2seq: the reference translations, after their sources), each token a
+one-token decode step through the KV cache with exits (teacher forcing: the next input is the
+text's token, not the model's), and a token agrees when the top token
 of the exit it left by is the full model's top token at that position. Candidate thresholds are
 quantiles of the exits' confidences over the same text (full model, layers 1..L-1): the 0.95, 0.90,
 ..., 0 quantiles tried from the highest threshold down until one agrees on fewer than 1 - delta of
@@ -59,51 +60,72 @@ def use_exit(model, recipe, run_dir: str | Path, threshold: float | None,
     exits.threshold = threshold if threshold is not None else exits.threshold
 
 
+class Batch:
+    """One decoder batch of a split on the device: its inputs, the positions that count, how a fresh
+    decoding state starts and what a full pass needs besides the tokens (a seq2seq's source)."""
+
+    def __init__(self, model, batch: dict, device):
+        self.tokens, self.keep = batch["tokens"].to(device), batch["keep"].to(device)
+        self.source: dict = {}
+        if "src" in batch:  # seq2seq: the encoder's output, once
+            mask = batch["src_mask"].to(device)
+            self.source = {"source": model.encode(batch["src"].to(device), mask), "source_mask": mask}
+
+    def new_state(self, model):
+        B, T = self.tokens.shape
+        if self.source:
+            return model.new_state(self.source["source"], self.source["source_mask"], T)
+        return model.new_state(B, T)
+
+
+def decoder_of(model):
+    """The stack that carries the exits: a seq2seq's decoder, an lm's stack."""
+    return getattr(model, "decoder", None) or model.stack
+
+
 @torch.no_grad()
-def decode_with_exits(model, windows: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top tokens, exit layers), both (B, T), of teacher-forced one-token steps over `windows` (B, T)."""
+def decode_with_exits(model, batch: Batch, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top tokens, exit layers), both (B, T), of teacher-forced one-token steps over the batch."""
     exits = model.exits
     exits.threshold = threshold
-    state = model.new_state(windows.shape[0], windows.shape[1])
+    state = batch.new_state(model)
     tops, layers = [], []
-    for t in range(windows.shape[1]):
-        logits, used = exits.run(model.stack, model.head, windows[:, t:t + 1], state)
+    for t in range(batch.tokens.shape[1]):
+        logits, used = exits.run(decoder_of(model), model.head, batch.tokens[:, t:t + 1], state)
         tops.append(logits[:, -1].argmax(-1))
         layers.append(used[:, -1])
     return torch.stack(tops, 1), torch.stack(layers, 1)
 
 
 @torch.no_grad()
-def full_pass(model, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the full model's top tokens (B, T), every exit's confidence before the last, pooled (N,))."""
-    exits, stack = model.exits, model.stack
+def full_pass(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the full model's top tokens (B, T), every exit's confidence before the last at the positions
+    that count, pooled (N,))."""
+    exits, stack = model.exits, decoder_of(model)
     outputs: list = []
-    h, _ = stack(windows, outputs=outputs)
-    before = [stack.enter(windows, None)[0]] + outputs[:-2]  # each layer's input
-    conf = [exits.confidence(i, exits.norms[i](outputs[i]), outputs[i], before[i], model.head).flatten()
+    h, _ = stack(batch.tokens, outputs=outputs, **batch.source)
+    before = [stack.enter(batch.tokens, None, **batch.source)[0]] + outputs[:-2]  # each layer's input
+    conf = [exits.confidence(i, exits.norms[i](outputs[i]), outputs[i], before[i], model.head)[batch.keep]
             for i in range(len(outputs) - 1)]
     return model.head(h).argmax(-1), torch.cat(conf)
 
 
-def cut_windows(ids: torch.Tensor, context: int, max_tokens: int) -> torch.Tensor:
-    """(rows, context) consecutive windows from the start of a token stream, at most max_tokens."""
-    rows = min(ids.numel() // context, max(1, max_tokens // context))
-    if rows == 0:
-        raise UsageError(f"the text has {ids.numel()} tokens, fewer than one window of {context}")
-    return ids[:rows * context].view(rows, context).long()
-
-
-def measure_at(model, windows: torch.Tensor, full: torch.Tensor, threshold: float) -> dict:
-    tops, layers = decode_with_exits(model, windows, threshold)
-    return {"threshold": threshold, "agreement": round(float((tops == full).double().mean()), 5),
-            "mean_layers": round(float(layers.double().mean()), 4)}
+def measure_at(model, batches: list[Batch], fulls: list[torch.Tensor], threshold: float) -> dict:
+    """Agreement with the full model and mean layers used over the batches' positions that count."""
+    agree, layers, n = 0.0, 0.0, 0
+    for batch, full in zip(batches, fulls):
+        tops, used = decode_with_exits(model, batch, threshold)
+        agree += float((tops == full)[batch.keep].double().sum())
+        layers += float(used[batch.keep].double().sum())
+        n += int(batch.keep.sum())
+    return {"threshold": threshold, "agreement": round(agree / n, 5), "mean_layers": round(layers / n, 4)}
 
 
 def calibrate_exit(run_dir: str, *, delta: float, split: str = "valid", check: str | None = "test",
                    measure: str | None = None, max_tokens: int = 16384, checkpoint: str = "best",
                    device: str = "auto", log: Callable[[str], None] = print) -> dict:
     """Pick and save RUN's exit threshold (see the module's doc); returns what exit.json holds."""
-    from tfx.families import get_task, need_text_lm
+    from tfx.families import get_task
     from tfx.rundir import load_run
     from tfx.rundir.files import atomic_write_text
     from tfx.train.loop import select_device
@@ -111,7 +133,6 @@ def calibrate_exit(run_dir: str, *, delta: float, split: str = "valid", check: s
     if not 0 < delta < 1:
         raise UsageError(f"--delta: a fraction of tokens between 0 and 1, got {delta}")
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
-    need_text_lm(recipe, "tfx calibrate-exit")
     exits = exits_of(model, recipe)
     if measure is not None:
         if measure == "classifier" and exits.classifier is None:
@@ -121,19 +142,19 @@ def calibrate_exit(run_dir: str, *, delta: float, split: str = "valid", check: s
     dev = select_device(device)
     model.to(dev)
     task = get_task(recipe, run_dir)
-    context = recipe.model.context
 
-    def windows_of(name: str) -> torch.Tensor:
-        ids, _ = task.token_stream(tokenizer, split=name, data=None, fetch=True)
-        return cut_windows(ids, context, max_tokens).to(dev)
+    def read(name: str) -> tuple[list[Batch], list[torch.Tensor], torch.Tensor]:
+        batches = [Batch(model, b, dev) for b in task.decoder_batches(tokenizer, name, max_tokens)]
+        passes = [full_pass(model, b) for b in batches]
+        return batches, [top for top, _ in passes], torch.cat([c for _, c in passes])
 
-    windows = windows_of(split)
-    full, confidences = full_pass(model, windows)
-    log(f"calibrate-exit: {run_dir}, {exits.measure} confidence, {windows.numel():,} {split} tokens "
-        f"({windows.shape[0]} windows of {context}), delta {delta}")
+    batches, fulls, confidences = read(split)
+    tokens = sum(int(b.keep.sum()) for b in batches)
+    log(f"calibrate-exit: {run_dir}, {exits.measure} confidence, {tokens:,} {split} tokens, delta {delta}")
     pooled = confidences.float()
     tried: list[dict] = []
-    chosen = {"threshold": 1.0, "agreement": 1.0, "mean_layers": float(len(model.stack.blocks))}
+    layers = len(decoder_of(model).blocks)
+    chosen = {"threshold": 1.0, "agreement": 1.0, "mean_layers": float(layers)}
 
     def descend(levels: list[float]) -> float | None:
         """Try the confidence quantiles at `levels` from the highest threshold down; the level that
@@ -143,7 +164,7 @@ def calibrate_exit(run_dir: str, *, delta: float, split: str = "valid", check: s
             threshold = round(float(torch.quantile(pooled, level)), 6)
             if threshold >= 1.0 or any(t["threshold"] == threshold for t in tried):
                 continue
-            result = measure_at(model, windows, full, threshold)
+            result = measure_at(model, batches, fulls, threshold)
             tried.append({"quantile": round(level, 4), **result})
             log(f"  threshold {threshold:.6g} (quantile {level:.3f}): agreement {result['agreement']:.4f}, "
                 f"mean layers {result['mean_layers']:.3f}")
@@ -156,11 +177,11 @@ def calibrate_exit(run_dir: str, *, delta: float, split: str = "valid", check: s
     if failed is not None:  # finer steps between the last level that passed and the one that failed
         above = failed + COARSE_STEP
         descend([above - COARSE_STEP * k / (FINE + 1) for k in range(1, FINE + 1)])
-    out = {"measure": exits.measure, "delta": delta, "split": split, "tokens": windows.numel(),
-           "layers": len(model.stack.blocks), **chosen, "tried": tried}
+    out = {"measure": exits.measure, "delta": delta, "split": split, "tokens": tokens, "layers": layers, **chosen,
+           "tried": tried}
     if check:
-        test = windows_of(check)
-        out["check"] = {"split": check, "tokens": test.numel(),
-                        **measure_at(model, test, full_pass(model, test)[0], chosen["threshold"])}
+        test, test_fulls, _ = read(check)
+        out["check"] = {"split": check, "tokens": sum(int(b.keep.sum()) for b in test),
+                        **measure_at(model, test, test_fulls, chosen["threshold"])}
     atomic_write_text(Path(run_dir) / EXIT_FILE, json.dumps(out, indent=1) + "\n")
     return out

@@ -19,14 +19,16 @@ def calibrate_exit(
                                         "('' for none)."),
     measure: Optional[str] = typer.Option(None, help="softmax, saturation or classifier (default: the recipe's "
                                           "model.exit.measure; classifier only where it was trained)."),
-    max_tokens: int = typer.Option(16384, min=1, help="Tokens of each split read (windows of the context)."),
+    max_tokens: int = typer.Option(16384, min=1, help="Target tokens read of each split (an lm: windows of the context; seq2seq: the "
+                                 "first references)."),
     checkpoint: str = typer.Option("best", help="best or last."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Choose a CALM run's exit threshold on held-out text and save it to RUN/exit.json.
 
-    Each token of the split is decoded through the KV cache with exits (teacher forcing); it agrees
+    Each token of the split (an lm's text; a seq2seq model's reference translations, after their
+    sources) is decoded through the KV cache with exits (teacher forcing); it agrees
     when its exit's top token is the full model's. Thresholds (quantiles of the exits' confidences)
     are tried from the highest down, and the lowest before the first that agrees on fewer than
     1 - DELTA of the tokens is kept. tfx generate and tfx bench generate then decode with it

@@ -126,6 +126,11 @@ class Task:
         """The texts a new tokenizer is trained on (`side`: src or tgt for separate seq2seq ones)."""
         raise NotImplementedError
 
+    def decoder_batches(self, tokenizer, split: str, max_tokens: int) -> list[dict]:
+        """A split as a decoder reads it, for `tfx calibrate-exit`: batches of "tokens" (B, T) decoder
+        inputs and "keep" (B, T), the positions that count, plus a seq2seq's "src" and "src_mask"."""
+        raise UsageError(f"a {self.recipe.family} model has no decoder to exit early from")
+
     def vocab_size(self, tokenizer) -> int:
         return tokenizer.vocab_size
 

@@ -95,6 +95,16 @@ class LMTask(Task):
             raise UsageError("nothing to evaluate: the text is empty")
         return ids, n_bytes
 
+    def decoder_batches(self, tokenizer, split: str, max_tokens: int) -> list[dict]:
+        """Consecutive windows of the context from the start of the split, at most max_tokens."""
+        ids, _ = self.token_stream(tokenizer, split=split, data=None, fetch=True)
+        context = self.recipe.model.context
+        rows = min(ids.numel() // context, max(1, max_tokens // context))
+        if rows == 0:
+            raise UsageError(f"the {split} split has {ids.numel()} tokens, fewer than one window of {context}")
+        windows = ids[:rows * context].view(rows, context).long()
+        return [{"tokens": windows, "keep": torch.ones_like(windows, dtype=torch.bool)}]
+
     def evaluate(self, model, tokenizer, *, split: str, data: str | None, device, options: EvalOptions) -> dict:
         """The LM metrics; with `options.knn` = (Datastore, KNNSettings), the kNN-LM's beside them under
         "knn"; with `options.stream` = (sinks, window), read as one stream per batch lane through a sink cache."""

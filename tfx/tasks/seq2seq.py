@@ -123,6 +123,25 @@ class Seq2SeqTask(Task):
 
         return batches, validate
 
+    def decoder_batches(self, tokenizer, split: str, max_tokens: int) -> list[dict]:
+        """The split's pairs from the start, teacher-forced target inputs, until max_tokens target tokens."""
+        pairs = self.pairs(split, fetch=True)
+        if pairs is None:
+            raise UsageError(f"the recipe has no {split!r} split")
+        context = self.recipe.model.context
+        examples, count = [], 0
+        for s, t in self.encode(tokenizer, *pairs):
+            if count >= max_tokens:
+                break
+            examples.append((s[:context], t[: context - 1]))
+            count += len(examples[-1][1]) + 1
+        out = []
+        for i in range(0, len(examples), TRANSLATE_BATCH):
+            batch = self.collate(tokenizer, examples[i:i + TRANSLATE_BATCH])
+            out.append({"tokens": batch["tgt_in"], "keep": batch["tgt_out"] != IGNORE, "src": batch["src"],
+                        "src_mask": batch["src_mask"]})
+        return out
+
     @torch.no_grad()
     def score(self, model, tokenizer, src: list[str], tgt: list[str], *, device, autocast=None) -> dict:
         """Per-token loss and perplexity of the references (teacher forcing)."""
