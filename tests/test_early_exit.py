@@ -272,6 +272,8 @@ def test_train_calibrate_then_generate_and_bench_with_exits(tmp_path, small_text
     full = run_tfx("generate", str(run), "ROMEO:", "--max-new-tokens", "20", "--temperature", "0",
                    "--exit-threshold", "1", check=True)
     assert "early exit" not in full.stderr
+    knn = run_tfx("generate", str(run), "ROMEO:", "--knn", "--exit-threshold", "0.5")
+    assert knn.returncode == 2 and "exits early" in knn.stderr and "Traceback" not in knn.stderr
     bench = json.loads(run_tfx("bench", "generate", str(run), "--prompt-len", "8", "--new-tokens", "16",
                                "--repeats", "1", "--exit-threshold", "0", "--json", check=True).stdout)
     assert bench["mean_layers"] == 1.0 and bench["exit_threshold"] == 0.0 and bench["full_decode_tokens_per_s"] > 0

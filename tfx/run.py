@@ -181,6 +181,9 @@ def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "b
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
     config = C.generate_settings(recipe.generate, overrides)
     use_exit(model, recipe, run_dir, exit_threshold, log)  # CALM's early exits, where calibrated
+    if knn is not None and getattr(getattr(model, "exits", None), "threshold", 1.0) < 1:
+        raise UsageError("--knn: the kNN-LM's keys are the last layer's feed-forward inputs, which a token that "
+                         "exits early never reaches; add --exit-threshold 1 (the full model)")
     if stream_window is not None:
         need_text_lm(recipe, "--stream-window")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
