@@ -169,6 +169,12 @@ def test_decoding_with_exits_equals_the_stack_with_exited_states_copied_up(measu
     with torch.no_grad():
         forced, _ = model.exits.run(model.stack, model.head, TOKENS, model.new_state(2, 16), exit_layers=layers)
     torch.testing.assert_close(forced, logits, rtol=1e-10, atol=1e-10)
+    for row in range(2):  # batch 1 takes the unmasked path (run_one): the same exits and outputs
+        one, one_layers, one_state = decode(model, TOKENS[row:row + 1])
+        assert torch.equal(one_layers, layers[row:row + 1])
+        torch.testing.assert_close(one, logits[row:row + 1], rtol=1e-10, atol=1e-10)
+        for cache, full_cache in zip(one_state.layers, state.layers):
+            torch.testing.assert_close(cache.k[:, :, :T], full_cache.k[row:row + 1, :, :T], rtol=1e-10, atol=1e-10)
 
 
 def test_threshold_one_is_the_full_model_exactly():

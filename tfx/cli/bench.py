@@ -168,7 +168,7 @@ def bench_generate_cmd(
 ):
     """Prefill and decode speed of a trained LM with its KV cache: prefill tokens/s, decode tokens/s
     and ms per token (greedy, batch B, fixed random prompts). A CALM run decoding with early exits is
-    timed without them too, alternately: the speed-up, mean layers used and tokens both chose."""
+    timed without them too, alternately: the speed-up and mean layers used."""
     from tfx.bench.generate import bench_generate
 
     fmt = output_format(json_out, csv_out)

@@ -102,6 +102,8 @@ class Exits(nn.Module):
         x, kw, caches, cross_kvs = stack.enter(tokens, state, **enter)
         B, T, _ = x.shape
         L = len(stack.blocks)
+        if B * T == 1 and exit_layers is None:
+            return self.run_one(stack, head, x, kw, caches, cross_kvs)
         done = torch.zeros(B, T, dtype=torch.bool, device=x.device)
         layers = torch.full((B, T), L, dtype=torch.long, device=x.device)
         leaving = torch.zeros_like(x)  # the normalised state each exited position leaves with
@@ -125,6 +127,29 @@ class Exits(nn.Module):
         if not self.training:
             self.tally += torch.bincount(layers.flatten(), minlength=L + 1)
         return head(out), layers
+
+
+    def run_one(self, stack, head: nn.Linear, x: Tensor, kw: dict, caches: list,
+                cross_kvs: list) -> tuple[Tensor, Tensor]:
+        """`run` for one position (a decode step of batch 1), in plain control flow: the same
+        computation without the masks, so that an exit saves what the skipped layers cost."""
+        L = len(stack.blocks)
+        for i, (block, cache, kv) in enumerate(zip(stack.blocks, caches, cross_kvs)):
+            before = x
+            x = stack.run_block(block, x, **kw, cache=cache, cross_kv=kv, memory=None, recall=None)
+            if i == L - 1:
+                break
+            normed = self.norms[i](x)
+            logits = head(normed) if self.measure == "softmax" else None
+            confidence = logits.float().softmax(-1).amax() if logits is not None else \
+                self.confidence(i, normed, x, before, head)
+            if self.threshold < 1 and float(confidence) >= self.threshold:
+                for later, cache_later in zip(stack.blocks[i + 1:], caches[i + 1:]):
+                    later.fill_cache(x, cache=cache_later, **kw)
+                self.tally[i + 1] += 1
+                return logits if logits is not None else head(normed), torch.full((1, 1), i + 1, device=x.device)
+        self.tally[L] += 1
+        return head(stack.norm(x)), torch.full((1, 1), L, device=x.device)
 
 
 @torch.no_grad()
