@@ -138,7 +138,7 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
              beam: int | None = None, hyp_out: str | None = None) -> dict:
     """The family's metrics; `knn` (a dict of lambda/k/temperature overrides, maybe empty) adds the
     kNN-LM's metrics beside the LM's (lm runs with a datastore); see EvalOptions for the rest."""
-    from tfx.nn.depth import depth_report, reset_tallies
+    from tfx.nn.depth import depth_report, reset_depth_tallies
     from tfx.train.loop import select_device
 
     recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
@@ -152,7 +152,7 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
                           generate=C.generate_settings(recipe.generate, {"beam": beam}))  # refused like a recipe value
     dev = select_device(device)
     model.to(dev)
-    reset_tallies(model)
+    reset_depth_tallies(model)
     result = get_task(recipe, run_dir).evaluate(model, tokenizer, split=split, data=data, device=dev, options=options)
     spans = learned_spans(model)
     depth = depth_report(model)  # universal depth: steps per position

@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from tfx.nn.tally import reset_tallies, tally_report
+
 
 class UniversalDepth(nn.Module):
     """The recurrence in depth and its halting; `forward(x, step)` runs `step(n, state)` (one pass
@@ -97,19 +99,9 @@ class UniversalDepth(nn.Module):
 
 
 def depth_report(model: nn.Module) -> dict | None:
-    """Steps per position tallied by the model's UniversalDepth modules since `reset_tallies`: the
-    mean and the distribution, or None for a model without one (or nothing tallied)."""
-    tallies = [m.tally for m in model.modules() if isinstance(m, UniversalDepth)]
-    counts = sum(t.cpu() for t in tallies) if tallies else None
-    if counts is None or not int(counts.sum()):
-        return None
-    n = int(counts.sum())
-    return {"mean_steps": round(float((counts * torch.arange(len(counts))).sum()) / n, 4), "positions": n,
-            "steps": {str(k): round(int(c) / n, 4) for k, c in enumerate(counts.tolist()) if c}}
+    """Steps per position of the model's UniversalDepth modules since `reset_depth_tallies`, or None."""
+    return tally_report(model, UniversalDepth, "steps")
 
 
-def reset_tallies(model: nn.Module) -> None:
-    """Start counting steps afresh (before an evaluation)."""
-    for m in model.modules():
-        if isinstance(m, UniversalDepth):
-            m.tally.zero_()
+def reset_depth_tallies(model: nn.Module) -> None:
+    reset_tallies(model, UniversalDepth)

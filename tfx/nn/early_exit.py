@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfx.nn.layers import make_norm
+from tfx.nn.tally import reset_tallies, tally_report
 
 CHUNK = 4096  # rows per chunk when exits' top tokens are computed for the classifier's labels
 
@@ -160,21 +161,12 @@ def top_tokens(head: nn.Linear, h: Tensor) -> Tensor:
 
 
 def exit_report(model: nn.Module) -> dict | None:
-    """Layers used per decoded position since `reset_exit_tallies`: the mean and the distribution,
-    or None for a model without exits (or nothing tallied)."""
-    tallies = [m.tally for m in model.modules() if isinstance(m, Exits)]
-    counts = sum(t.cpu() for t in tallies) if tallies else None
-    if counts is None or not int(counts.sum()):
-        return None
-    n = int(counts.sum())
-    return {"mean_layers": round(float((counts * torch.arange(len(counts))).sum()) / n, 4), "positions": n,
-            "layers": {str(k): round(int(c) / n, 4) for k, c in enumerate(counts.tolist()) if c}}
+    """Layers used per decoded position since `reset_exit_tallies`, or None."""
+    return tally_report(model, Exits, "layers")
 
 
 def reset_exit_tallies(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, Exits):
-            m.tally.zero_()
+    reset_tallies(model, Exits)
 
 
 def exit_problems(recipe, family) -> list[str]:

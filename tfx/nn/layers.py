@@ -114,8 +114,7 @@ class Attention(nn.Module):
             heads = (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
                      v.view(B, T, Hkv, D).transpose(1, 2))
         if memory is not None:
-            bias = self.qkv.bias[H * D:] if self.qkv.bias is not None else None
-            mk, mv = F.linear(memory, self.qkv.weight[H * D:], bias).split((Hkv * D, Hkv * D), dim=-1)
+            mk, mv = self.keys_values(memory)
             k, v = torch.cat([mk, k], dim=1), torch.cat([mv, v], dim=1)  # (B, M + T, Hkv * D)
         S = k.shape[1]
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -133,6 +132,12 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out(y))
 
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x's (B, T, d_model) keys and values, each (B, T, Hkv * D), without the queries' projection."""
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
+        bias = self.qkv.bias[H * D:] if self.qkv.bias is not None else None
+        return F.linear(x, self.qkv.weight[H * D:], bias).split((Hkv * D, Hkv * D), dim=-1)
+
     def fill_cache(self, x: Tensor, *, pos: PositionScheme, spec: AttnSpec, q_pos: Tensor, cache) -> None:
         """Extend `cache` with x's (B, T, d_model) keys and values and compute nothing else (a layer an
         early-exited token skips, tfx/nn/early_exit.py). A kernel with a state of its own, or its own
@@ -141,9 +146,7 @@ class Attention(nn.Module):
             self(x, pos=pos, spec=spec, q_pos=q_pos, cache=cache)
             return
         B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        bias = self.qkv.bias[H * D:] if self.qkv.bias is not None else None
-        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in F.linear(x, self.qkv.weight[H * D:], bias).chunk(2, -1))
+        k, v = (t.view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2) for t in self.keys_values(x))
         _, k = pos.rotate(k, k, q_pos, q_pos)  # (B, Hkv, T, D), as forward rotates them
         cache.update(k, v)
 
