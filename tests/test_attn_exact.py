@@ -21,6 +21,7 @@ EXACT: dict[str, dict] = {
     "blockwise": {"n_blocks": 3, "block_size": 5, "shifts": [0, 1, 2]},
     "longformer": {"window": 3, "dilation": [1, 2], "global_tokens": [0, 17], "global_every": 0},
     "bigbird": {"block": 4, "window_blocks": 3, "global_blocks": 1, "random_blocks": 2, "seed": 0},
+    "lm_infinite": {"global_tokens": 3, "window": 5},  # far queries (the capped distances): test_lm_infinite.py
 }
 
 CASES = {

@@ -135,13 +135,14 @@ def _prepare(task, tokenizer):
 def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, checkpoint: str = "best",
              device: str = "auto", knn: dict | None = None, stride: int | None = None, context: int | None = None,
              batch_size: int = 32, max_tokens: int | None = None, stream: tuple[int, int] | None = None,
-             beam: int | None = None, hyp_out: str | None = None) -> dict:
+             beam: int | None = None, hyp_out: str | None = None, lm_infinite: int | None = None) -> dict:
     """The family's metrics; `knn` (a dict of lambda/k/temperature overrides, maybe empty) adds the
-    kNN-LM's metrics beside the LM's (lm runs with a datastore); see EvalOptions for the rest."""
+    kNN-LM's metrics beside the LM's (lm runs with a datastore); `lm_infinite` (global tokens) reads a
+    dense run with LM-Infinite; see EvalOptions for the rest."""
     from tfx.nn.depth import depth_report, reset_depth_tallies
     from tfx.train.loop import select_device
 
-    recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    recipe, tokenizer, model = load_infinite(run_dir, checkpoint, lm_infinite)
     if stream is not None:
         need_text_lm(recipe, "--stream-window")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
@@ -160,6 +161,18 @@ def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, chec
             **({"depth": depth} if depth else {})}
 
 
+def load_infinite(run_dir: str, checkpoint: str, global_tokens: int | None):
+    """load_run, or with `global_tokens` the dense LM run read with LM-Infinite's attention."""
+    from tfx.nn.attention.lm_infinite import swap_overrides
+    from tfx.rundir import is_run
+
+    if global_tokens is None or not is_run(run_dir):
+        return load_run(run_dir, checkpoint=checkpoint)
+    saved = C.load_recipe(Path(run_dir) / RECIPE, files=False)
+    need_text_lm(saved, "--lm-infinite")
+    return load_run(run_dir, checkpoint=checkpoint, overrides=swap_overrides(saved, global_tokens))
+
+
 def learned_spans(model) -> list[list[float]]:
     """Adaptive attention spans in tokens, one list of heads per layer (empty without the option)."""
     from tfx.nn.attention.span import AdaptiveSpan
@@ -170,7 +183,7 @@ def learned_spans(model) -> list[list[float]]:
 def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "best", seed: int | None = None,
                    on_text: Callable[[str], None] | None = None, knn: dict | None = None,
                    stop: Iterable[str] = (), nbest: int | None = None, stream_window: int | None = None,
-                   sinks: int | None = None, exit_threshold: float | None = None,
+                   sinks: int | None = None, exit_threshold: float | None = None, lm_infinite: int | None = None,
                    **overrides) -> Iterable[tuple[str, str]]:
     """Yield (input line, output) per input, in order. `on_text` streams pieces as they come.
     `overrides` are keys of the recipe's [generate] table (None = the recipe's value), validated as
@@ -178,7 +191,7 @@ def generate_lines(run_dir: str, prompts: Iterable[str], *, checkpoint: str = "b
     (default: RUN/exit.json's, else the recipe's)."""
     from tfx.calibrate import use_exit
 
-    recipe, tokenizer, model = load_run(run_dir, checkpoint=checkpoint)
+    recipe, tokenizer, model = load_infinite(run_dir, checkpoint, lm_infinite)
     config = C.generate_settings(recipe.generate, overrides)
     use_exit(model, recipe, run_dir, exit_threshold, log)  # CALM's early exits, where calibrated
     if knn is not None and getattr(getattr(model, "exits", None), "threshold", 1.0) < 1:

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from tfx.cli.common import check_checkpoint, check_split, out_console
-from tfx.cli.options import KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, knn_overrides, stream_options
+from tfx.cli.options import (GLOBAL_TOKENS, KNN_CANDIDATES, KNN_NPROBE, LM_INFINITE, SINKS, STREAM_WINDOW,
+                             knn_overrides, lm_infinite_option, stream_options)
 from tfx.errors import UsageError
 
 
@@ -35,6 +36,8 @@ def eval_(
     knn_candidates: Optional[int] = KNN_CANDIDATES,
     stream_window: Optional[int] = STREAM_WINDOW,
     sinks: Optional[int] = SINKS,
+    lm_infinite: bool = LM_INFINITE,
+    global_tokens: Optional[int] = GLOBAL_TOKENS,
     max_tokens: Optional[int] = typer.Option(None, help="LM: score only the first N tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -55,12 +58,14 @@ def eval_(
     if max_tokens is not None and max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
     options = stream_options(stream_window, sinks)
+    infinite = lm_infinite_option(lm_infinite, global_tokens, stream_window)
     if options and (knn or stride):
         raise UsageError("--stream-window reads the text in order through a sink cache; it does not combine "
                          "with --knn or --stride")
     result = run.evaluate(str(run_dir), split=split, data=str(data) if data else None, stride=stride,
                           context=context, checkpoint=checkpoint, batch_size=batch_size, beam=beam,
                           hyp_out=str(hyp_out) if hyp_out else None, knn=knn_options, max_tokens=max_tokens,
+                          lm_infinite=infinite,
                           **({"stream": (options["sinks"], options["stream_window"])} if options else {}))
     if json_out:
         print(json.dumps(result))

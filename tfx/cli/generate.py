@@ -8,8 +8,8 @@ from typing import Iterable, List, Optional
 import typer
 
 from tfx.cli.common import check_checkpoint, stdin_lines, unescape
-from tfx.cli.options import (EXIT_THRESHOLD, KNN_CANDIDATES, KNN_NPROBE, SINKS, STREAM_WINDOW, knn_overrides,
-                             stream_options)
+from tfx.cli.options import (EXIT_THRESHOLD, GLOBAL_TOKENS, KNN_CANDIDATES, KNN_NPROBE, LM_INFINITE, SINKS,
+                             STREAM_WINDOW, knn_overrides, lm_infinite_option, stream_options)
 from tfx.errors import UsageError
 
 
@@ -43,6 +43,8 @@ def generate(
     stream_window: Optional[int] = STREAM_WINDOW,
     sinks: Optional[int] = SINKS,
     exit_threshold: Optional[float] = EXIT_THRESHOLD,
+    lm_infinite: bool = LM_INFINITE,
+    global_tokens: Optional[int] = GLOBAL_TOKENS,
 ):
     """Continue (lm), translate (seq2seq) or label (classifier) PROMPT, or each stdin line with '-'.
 
@@ -64,6 +66,7 @@ def generate(
         raise UsageError("--stream takes a single PROMPT, not '-'")
     stops = [unescape(s) for s in (stop or [])]
     knn_options = knn_overrides(knn, knn_lambda, knn_k, knn_temperature, knn_nprobe, knn_candidates)
+    infinite = lm_infinite_option(lm_infinite, global_tokens, stream_window)
     prompts = stdin_lines() if from_stdin else [prompt]
     if stream and echo:
         _emit(prompt)
@@ -71,7 +74,7 @@ def generate(
                                  on_text=_emit if stream else None, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stops, beam=beam,
                                  nbest=nbest, compile=compile, knn=knn_options, exit_threshold=exit_threshold,
-                                 **stream_options(stream_window, sinks))
+                                 lm_infinite=infinite, **stream_options(stream_window, sinks))
     _print_outputs(outputs, stream=stream, echo=echo, from_stdin=from_stdin)
 
 

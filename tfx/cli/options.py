@@ -13,6 +13,11 @@ STREAM_WINDOW = typer.Option(None, "--stream-window", help="lm: attention sinks 
                              "cache, and read or generate past the context (relative positions only).")
 SINKS = typer.Option(None, help="With --stream-window: initial tokens always kept (default 4; 0 is a "
                      "plain sliding window).")
+LM_INFINITE = typer.Option(False, "--lm-infinite", help="lm: read a dense-attention run with LM-Infinite (a "
+                           "window of the training context, the first --global-tokens always seen, their distances "
+                           "capped at the context): any length, no new weights.")
+GLOBAL_TOKENS = typer.Option(None, "--global-tokens", help="With --lm-infinite: initial tokens every query sees "
+                             "(default 4).")
 KNN_NPROBE = typer.Option(None, "--nprobe", help="With --knn, an IVF-PQ store: lists searched per query.")
 KNN_CANDIDATES = typer.Option(None, "--candidates", help="With --knn, an IVF-PQ store: keys its codes retrieve, "
                               "re-ranked by exact distance before the k nearest are kept.")
@@ -27,6 +32,19 @@ def stream_options(window: int | None, sinks: int | None) -> dict:
     if window <= 0 or (sinks is not None and sinks < 0):
         raise UsageError("--stream-window must be positive and --sinks at least 0")
     return {"stream_window": window, "sinks": 4 if sinks is None else sinks}
+
+
+def lm_infinite_option(on: bool, global_tokens: int | None, stream_window: int | None) -> int | None:
+    """--lm-infinite/--global-tokens as the number of global tokens (None: not asked for)."""
+    if not on:
+        if global_tokens is not None:
+            raise UsageError("--global-tokens applies to LM-Infinite: add --lm-infinite")
+        return None
+    if stream_window is not None:
+        raise UsageError("--lm-infinite keeps every key of the text; --stream-window drops them (choose one)")
+    if global_tokens is not None and global_tokens < 0:
+        raise UsageError("--global-tokens must be at least 0")
+    return 4 if global_tokens is None else global_tokens
 
 
 def knn_overrides(knn: bool, lam: float | None, k: int | None, temperature: float | None,

@@ -2,6 +2,7 @@
 
 When the cache reaches the model's context, the last half of the text is prefilled again at
 positions from zero (a sliding window), so any length can be generated with any position scheme.
+An LM-Infinite model (tfx/nn/attention/lm_infinite.py) reads the whole prompt and keeps one cache.
 
 `adjust_logprobs`, when given, maps the last position's (1, V) log-probs to new ones before
 sampling (e.g. tfx.knn.scoring.KNNAdjuster interpolates a kNN-LM distribution).
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 from tfx.decoding.sample import sample
+from tfx.nn.attention.lm_infinite import reads_any_length
 
 
 def decode_step(model, compiled: bool = False) -> Callable:
@@ -35,6 +37,8 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
     `stream` = (sinks, window): a sink cache (StreamingLLM) instead, any length, never recomputed.
     `compile`: one-token steps through torch.compile (decode_step)."""
     context = model.context
+    if stream is None and reads_any_length(model):  # LM-Infinite: one cache for the whole text, never refilled
+        context = len(ids) + max_new_tokens
     device = next(model.parameters()).device
     state = model.new_state(1, context) if stream is None else \
         model.new_stream_state(1, sinks=stream[0], window=stream[1])
@@ -74,7 +78,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
     """Continue `prompt`; the text stops at the first `stop` string (excluded) or end of text.
     With `stream` (sinks, window) the whole prompt is read through the sink cache."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    if stream is None and len(ids) > model.context:
+    if stream is None and len(ids) > model.context and not reads_any_length(model):
         warn(f"warning: the prompt has {len(ids)} tokens, more than the context ({model.context}); "
              f"keeping the last {model.context}")
         ids = ids[-model.context:]

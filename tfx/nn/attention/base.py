@@ -33,6 +33,9 @@ class AttnSpec:
     # images (the vit family): (rows, cols, prefix) = `prefix` tokens ([CLS]) then a rows x cols grid
     # of patches in raster order; None for text
     grid: tuple[int, int, int] | None = None
+    # LM-Infinite's far branch (lm_infinite.py): the queries placed at their capped positions, after the
+    # position scheme's rotation and adjustment, and the bias they have on the global keys (1|B, H, Tq, G)
+    far: tuple[Tensor, Tensor | None] | None = None
 
     @property
     def plain(self) -> bool:

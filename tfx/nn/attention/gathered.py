@@ -44,12 +44,15 @@ class Part:
           (H, G, b, K); None admits every gathered pair.
     distance_bias: (P, G, b, K) distances qp - kp -> a score bias broadcastable to (H, G, b, K),
           computed at the gathered pairs only (the adaptive span's soft mask); None for none.
+    inputs: this part's own (q, k, v, spec), the same number of queries as the kernel's (LM-Infinite's
+          far branch scores other queries against a few keys); None: the kernel's.
     """
 
     q_idx: Tensor
     k_idx: Tensor
     rule: Rule | None = None
     distance_bias: Callable[[Tensor], Tensor] | None = None
+    inputs: tuple[Tensor, Tensor, Tensor, AttnSpec] | None = None
 
 
 def offset(spec: AttnSpec) -> Tensor:
@@ -173,9 +176,9 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, parts: l
     Queries with no admitted key give zeros."""
     Tq = q.shape[2]
     if len(parts) == 1:
-        out, slots = _part(q, k, v, spec, parts[0], dropout, alone=True)
+        out, slots = _part(*(parts[0].inputs or (q, k, v, spec)), parts[0], dropout, alone=True)
         return _to_queries(out, slots, Tq, 0.0)
-    stats = [_part(q, k, v, spec, part, dropout, alone=False) for part in parts]
+    stats = [_part(*(part.inputs or (q, k, v, spec)), part, dropout, alone=False) for part in parts]
     low = torch.finfo(stats[0][0][0].dtype).min
     nums = [_to_queries(num, slots, Tq, 0.0) for (num, _, _), slots in stats]
     mxs = [_to_queries(mx, slots, Tq, low) for (_, mx, _), slots in stats]
