@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from tfx.decoding.sample import sample
+from tfx.decoding.segments import SegmentReader, reads_by_segments
 from tfx.nn.attention.lm_infinite import reads_any_length
 
 
@@ -33,18 +34,14 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
                  on_token: Callable[[int], bool] | None = None,
                  adjust_logprobs: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  stream: tuple[int, int] | None = None, compile: bool = False) -> list[int]:
-    """New token ids after `ids` (which must fit the context). `on_token` returning True stops.
+    """New token ids after `ids` (kept to the context by generate_text, except for an LM-Infinite model and a
+    segment memory read by segments, tfx.decoding.segments). `on_token` returning True stops.
     `stream` = (sinks, window): a sink cache (StreamingLLM) instead, any length, never recomputed.
     `compile`: one-token steps through torch.compile (decode_step)."""
-    context = model.context
-    if stream is None and reads_any_length(model):  # LM-Infinite: one cache for the whole text, never refilled
-        context = len(ids) + max_new_tokens
     device = next(model.parameters()).device
-    state = model.new_state(1, context) if stream is None else \
-        model.new_stream_state(1, sinks=stream[0], window=stream[1])
-    step = decode_step(model, compile)
-    history = list(ids)
-    logits, state = model(torch.tensor([history], device=device), state, last=True)
+    advance = (SegmentReader(model, device).feed if stream is None and reads_by_segments(model)
+               else cached_steps(model, len(ids) + max_new_tokens, stream, compile, device))
+    logits = advance(list(ids))
     out: list[int] = []
     banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
@@ -57,16 +54,37 @@ def generate_ids(model, ids: list[int], *, max_new_tokens: int, temperature: flo
         if token in stop_ids:
             break
         out.append(token)
-        history.append(token)
         if on_token is not None and on_token(token):
             break
-        if stream is None and state.length >= context:
-            keep = history[-(context // 2 or 1):]
-            state = model.new_state(1, context)
-            logits, state = model(torch.tensor([keep], device=device), state, last=True)
-        else:
-            logits, state = step(torch.tensor([[token]], device=device), state)
+        logits = advance([token])
     return out
+
+
+def cached_steps(model, length: int, stream: tuple[int, int] | None, compile: bool, device) -> Callable:
+    """feed(ids) -> the (1, 1, V) logits after them: the first call prefills the KV cache, later ones
+    (one token each) take one cached step. When the cache reaches the context, the last half of the
+    text is prefilled again; a sink cache (`stream`) never fills; an LM-Infinite model gets a cache of
+    `length` (the whole text) and never refills."""
+    context = length if stream is None and reads_any_length(model) else model.context
+    state = model.new_state(1, context) if stream is None else \
+        model.new_stream_state(1, sinks=stream[0], window=stream[1])
+    step = decode_step(model, compile)
+    history: list[int] = []
+
+    def feed(ids: list[int]):
+        nonlocal state
+        first = not history
+        history.extend(ids)
+        if first:
+            logits, state = model(torch.tensor([history], device=device), state, last=True)
+        elif stream is None and state.length >= context:
+            state = model.new_state(1, context)
+            logits, state = model(torch.tensor([history[-(context // 2 or 1):]], device=device), state, last=True)
+        else:
+            logits, state = step(torch.tensor([ids], device=device), state)
+        return logits
+
+    return feed
 
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 1.0,
@@ -78,7 +96,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
     """Continue `prompt`; the text stops at the first `stop` string (excluded) or end of text.
     With `stream` (sinks, window) the whole prompt is read through the sink cache."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    if stream is None and len(ids) > model.context and not reads_any_length(model):
+    if stream is None and len(ids) > model.context and not reads_any_length(model) and not reads_by_segments(model):
         warn(f"warning: the prompt has {len(ids)} tokens, more than the context ({model.context}); "
              f"keeping the last {model.context}")
         ids = ids[-model.context:]

@@ -16,8 +16,8 @@ slot counts as one position. Compression functions (`compression`):
   in memory (content attention of each segment's queries, summed over heads and queries), in order.
 
 Evicted states are compressed in whole groups of `rate`; a remainder waits in the memory, which
-may then hold up to rate - 1 states more than mem_len. Generation keeps a KV cache of context +
-mem_len positions, as with `xl`: the compressed memory serves training and recurrent evaluation.
+may then hold up to rate - 1 states more than mem_len. Generation reads the text by segments as
+evaluation does (tfx/decoding/segments.py), so it keeps and uses the compressed memory too.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ class CompressiveMemory(XLMemory):
     `rate` to 1 (max, mean, conv or most_used) into a second FIFO of cmem_len slots."""
 
     State = CompressiveState
+    decodes_by_segments = True  # generation: tfx/decoding/segments.py
 
     def __init__(self, cfg, *, d_model: int, n_layers: int, **_):
         super().__init__(cfg)

@@ -14,7 +14,8 @@ pair stored before it, and those pairs leave the readable part of the store (`fi
 them per row until FIFO eviction drops them).
 `mem_len` > 0 adds a Transformer-XL memory to every layer as well, as in the paper.
 
-Generation uses the ordinary KV cache (context + mem_len positions) without the store.
+Generation reads the text by segments as evaluation does (tfx/decoding/segments.py): the store is
+filled from the prompt and from what is generated, and each token's logits equal evaluation's.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class MemorizingMemory(XLMemory):
 
     needs = "with mem_len > 0: relative positions, a kernel with a KV cache"
     State = MemorizingState
+    decodes_by_segments = True  # generation: tfx/decoding/segments.py
 
     def __init__(self, cfg, *, n_layers: int, n_heads: int, **_):
         super().__init__(cfg)

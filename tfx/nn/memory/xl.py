@@ -42,6 +42,7 @@ class XLMemory(nn.Module):
 
     needs = "relative positions, a kernel with a KV cache"
     carries, wraps, extra_positions = True, False, 0
+    decodes_by_segments = False  # generation keeps a KV cache of context + mem_len instead
     State = XLState
 
     def __init__(self, cfg, **_):
