@@ -11,8 +11,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tfx.config_model import DepthConfig, ExitConfig, PatchesConfig, Strict
 from tfx.errors import UsageError
 from tfx.families import FAMILY, family_of
 from tfx.registry import ATTENTION, MEMORY, OPTIMIZER, POSITION, SCHEDULE, TOKENIZER, Registry, closest
@@ -52,10 +53,6 @@ OptimizerKind = _tagged(OPTIMIZER, "adamw")
 ScheduleKind = _tagged(SCHEDULE, "cosine")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class DataConfig(Strict):
     """Where the text comes from: a corpus fetched by `tfx data get`, or files / `hf:NAME`."""
 
@@ -80,23 +77,6 @@ class DataConfig(Strict):
         return self
 
 
-class DepthConfig(Strict):
-    """How the blocks are applied: once each in order ("layers"), or as one shared step repeated up to
-    max_steps times with Adaptive Computation Time ("universal"; tfx/nn/depth.py)."""
-    kind: Literal["layers", "universal"] = "layers"
-    max_steps: int = Field(4, gt=0)       # universal: steps of the shared n_layers blocks
-    act: bool = True                      # universal: halt per position (false: always max_steps)
-    halt_epsilon: float = Field(0.01, gt=0.0, lt=1.0)  # halt when the halting probabilities reach 1 - this
-    ponder_cost: float = Field(0.01, ge=0.0)           # weight of the ponder cost (steps + remainder) per token
-
-
-class ExitConfig(Strict):
-    """CALM's early exits (Schuster et al., 2022), their confidence measure and threshold: tfx/nn/early_exit.py."""
-    kind: Literal["none", "calm"] = "none"
-    measure: Literal["softmax", "saturation", "classifier"] = "softmax"  # top probability, cos(h_i, h_i-1), learned
-    threshold: float = Field(1.0, ge=0.0, le=1.0)  # 1: never exit (`tfx calibrate-exit` finds one)
-
-
 class ModelConfig(Strict):
     d_model: int = Field(256, gt=0)
     n_layers: int = Field(4, gt=0)
@@ -116,6 +96,7 @@ class ModelConfig(Strict):
     reversible: bool = False  # RevNet couplings: activations recomputed in backward (tfx/nn/reversible.py)
     ffn_chunks: int = Field(1, gt=0)  # the Reformer's chunked feed-forward: this many slices of the sequence
     exit: ExitConfig = Field(default_factory=ExitConfig)  # [model.exit]: CALM's early exits (lm, seq2seq)
+    patches: PatchesConfig = Field(default_factory=PatchesConfig)  # [model.patches]: MEGABYTE (lm)
     bias: bool = True
     tie_embeddings: bool = True
     encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)

@@ -61,10 +61,12 @@ def problems(recipe) -> list[str]:
     if recipe.data.blocks != "auto" and not family.blocks:
         out.append(f"data.blocks: {recipe.data.blocks!r} is for the {_families_with('blocks')} family "
                    f"(it orders an LM's training blocks)")
+    from tfx.models.megabyte import patches_problems
     from tfx.nn.early_exit import exit_problems
     from tfx.nn.memory import memory_problems
 
     out.extend(exit_problems(recipe, family))
+    out.extend(patches_problems(recipe))
 
     out.extend(memory_problems(recipe))
     if m.memory.kind != "none" and not family.memory:

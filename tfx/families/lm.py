@@ -7,6 +7,11 @@ from tfx.families.base import Family, StackSpec, register
 def build(recipe, vocab_size: int, run_dir=None):
     from tfx.models.lm import LanguageModel
 
+    if recipe.model.patches.size:  # MEGABYTE: patches of bytes, a global and a local model
+        from tfx.models.megabyte import Megabyte
+
+        return Megabyte(recipe.model, vocab_size=vocab_size)
+
     return LanguageModel(recipe.model, vocab_size=vocab_size, word_dropout=recipe.train.word_dropout,
                          rdrop=recipe.train.rdrop)
 

@@ -151,7 +151,7 @@ class TransformerStack(nn.Module):
     def new_state(self, batch: int, max_len: int, *, device=None, dtype=None) -> StackState:
         """Empty generation state for `batch` rows and up to `max_len` positions: preallocated KV
         caches (or each kernel's own state), or a token history when the kernel has no cache."""
-        p = self.embed.weight
+        p = self.embed.weight if self.embed is not None else next(self.parameters())
         if not self.supports_cache:
             return StackState(tokens=torch.zeros(batch, 0, dtype=torch.long, device=device or p.device))
         return StackState([
