@@ -66,7 +66,7 @@ def problems(recipe) -> list[str]:
     from tfx.nn.memory import memory_problems
 
     out.extend(exit_problems(recipe, family))
-    out.extend(patches_problems(recipe))
+    out.extend(patches_problems(recipe, family))
 
     out.extend(memory_problems(recipe))
     if m.memory.kind != "none" and not family.memory:

@@ -30,14 +30,15 @@ from tfx.nn.stack import TransformerStack
 from tfx.nn.state import StackState
 
 
-def patches_problems(recipe) -> list[str]:
-    """Why `[model.patches]` cannot work with the rest of the recipe (empty when it can, or when off)."""
+def patches_problems(recipe, family) -> list[str]:
+    """Why `[model.patches]` cannot work with the rest of the recipe (empty when it can, or when off);
+    `family` is the recipe's Family record."""
     m = recipe.model
     P = m.patches.size
     if not P:
         return []
     out = []
-    if recipe.family != "lm":
+    if not family.continues_text:
         out.append(f"model.patches: MEGABYTE is a decoder-only byte model (family = \"lm\"), not {recipe.family!r}")
     if m.context % P or m.d_model % P:
         out.append(f"model.patches.size ({P}) must divide model.context ({m.context}) and model.d_model "
