@@ -101,3 +101,5 @@ def test_train_eval_generate_end_to_end(tmp_path, shakespeare):
     assert len(text) > 0
     proc = tfx_in_process("eval", str(out), "--split", "valid", "--stream-window", "8", env=env)
     assert proc.returncode == 2 and "MEGABYTE" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tfx_in_process("knn", "build", str(out), env=env)
+    assert proc.returncode == 2 and "Megabyte" in proc.stderr and "Traceback" not in proc.stderr

@@ -10,6 +10,9 @@ from tfx.errors import UsageError
 
 def key_module(model) -> torch.nn.Module:
     """The module whose input is the kNN-LM key: the last block's feed-forward sublayer."""
+    if not getattr(model, "knn_keys", True):
+        raise UsageError(f"kNN-LM: a {type(model).__name__} run has no one state per token in one stack to key "
+                         "a datastore with")
     try:
         return model.stack.blocks[-1].ffn
     except (AttributeError, IndexError):

@@ -77,6 +77,8 @@ class MegabyteState:
 class Megabyte(nn.Module):
     """Next-byte prediction by a global model over patches and a local model within each patch."""
 
+    knn_keys = False  # tfx/knn/keys.py: no one stack holds a state per byte in text order
+
     def __init__(self, cfg, *, vocab_size: int):
         super().__init__()
         p = cfg.patches
