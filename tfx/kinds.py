@@ -25,6 +25,8 @@ def position_needs(pos_cls) -> list[str]:
 
 
 def works_with(kernel_cls, pos_cls) -> bool:
+    if getattr(kernel_cls, "needs_relative", False) and not pos_cls.relative:  # lm_infinite caps distances
+        return False
     return all(getattr(kernel_cls, flag) for flag in position_needs(pos_cls))
 
 

@@ -48,6 +48,7 @@ class LMInfiniteAttention(AttentionKernel):
     """A local window plus the first global_tokens keys, the global keys at capped distances."""
 
     supports_bidirectional = False
+    needs_relative = True  # `tfx recipe kinds` lists the relative schemes only (check_recipe says why)
     complexity = "O(T·(w + g))"
 
     def __init__(self, cfg, **kwargs):
