@@ -69,6 +69,16 @@ def heads(model, x):
     return [t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v)]  # (B, H, T, D) each, before positions
 
 
+def attention_of(model, batch: int, T: int, seed: int):
+    """The first layer's attention over a random (batch, T, 16) input, and that input's heads (q, k, v)."""
+    attn, pos = model.stack.blocks[0].attn, model.stack.pos
+    x = torch.randn(batch, T, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    p = torch.arange(T)
+    pos.ensure(T)
+    got = attn(x, pos=pos, spec=AttnSpec(q_pos=p, k_pos=p, causal=True, bias=pos.bias(p, p)), q_pos=p)
+    return got, heads(model, x)
+
+
 def distance(i: int, j: int) -> int:
     """The distance LM-Infinite scores pair (i, j) at: its own inside the window, else min(i, ceiling) - j."""
     return i - j if i - j < W else min(i, W) - j
@@ -77,13 +87,8 @@ def distance(i: int, j: int) -> int:
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 def test_attention_equals_the_capped_distances_written_out(position):
     model = model_for(position)
-    attn, pos = model.stack.blocks[0].attn, model.stack.pos
     T = 19
-    x = torch.randn(2, T, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    p = torch.arange(T)
-    pos.ensure(T)
-    got = attn(x, pos=pos, spec=AttnSpec(q_pos=p, k_pos=p, causal=True, bias=pos.bias(p, p)), q_pos=p)
-    q, k, v = heads(model, x)
+    got, (q, k, v) = attention_of(model, 2, T, seed=2)
     D = q.shape[-1]
     slopes = [2 ** (-8 / 2 * (h + 1)) for h in range(2)]  # ALiBi's geometric slopes for 2 heads
     out = torch.zeros_like(q)
@@ -97,7 +102,7 @@ def test_attention_equals_the_capped_distances_written_out(position):
                 s = torch.stack([(q[:, h, i] * k[:, h, j]).sum(-1) / math.sqrt(D) - slopes[h] * distance(i, j)
                                  for j in keys], -1)
             out[:, h, i] = torch.einsum("bk,bkd->bd", s.softmax(-1), v[:, h, keys])
-    want = attn.out(out.transpose(1, 2).reshape(2, T, -1))
+    want = model.stack.blocks[0].attn.out(out.transpose(1, 2).reshape(2, T, -1))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert max(distance(i, j) for i in range(T) for j in range(i + 1) if i - j < W or j < G) == W
 
@@ -108,11 +113,7 @@ def test_attention_places_far_queries_at_the_ceiling_for_every_relative_scheme(p
     model = model_for(position)
     attn, pos = model.stack.blocks[0].attn, model.stack.pos
     T = 17
-    x = torch.randn(1, T, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    p = torch.arange(T)
-    pos.ensure(T)
-    got = attn(x, pos=pos, spec=AttnSpec(q_pos=p, k_pos=p, causal=True, bias=pos.bias(p, p)), q_pos=p)
-    q, k, v = heads(model, x)
+    got, (q, k, v) = attention_of(model, 1, T, seed=4)
 
     def scores(i: int, at: int, keys: list[int]):
         qp, kp = torch.tensor([at]), torch.tensor(keys)

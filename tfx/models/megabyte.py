@@ -126,8 +126,12 @@ class Megabyte(nn.Module):
         if state is not None:
             h = self.steps(tokens, state, last=last)
             return self.head(h), state
-        h = self.hidden(self.global_embed(tokens), self.local_stack.embed(tokens))
+        h = self.read(tokens)
         return self.head(h[:, -1:] if last else h), None
+
+    def read(self, tokens: Tensor) -> Tensor:
+        """The local model's (B, T, d_local) outputs for (B, T) ids, in one parallel pass."""
+        return self.hidden(self.global_embed(tokens), self.local_stack.embed(tokens))
 
     def hidden(self, global_emb: Tensor, local_emb: Tensor) -> Tensor:
         """The local model's (B, T, d_local) outputs from the inputs' (B, T, e) global and (B, T, d_local)
@@ -146,8 +150,7 @@ class Megabyte(nn.Module):
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
         from tfx.models.lm import head_loss
 
-        h = self.hidden(self.global_embed(batch["input"]), self.local_stack.embed(batch["input"]))
-        return head_loss(self.head, h, batch["target"]), {}, None
+        return head_loss(self.head, self.read(batch["input"]), batch["target"]), {}, None
 
     @staticmethod
     def count_tokens(batch: dict) -> int:

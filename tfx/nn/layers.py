@@ -126,8 +126,8 @@ class Attention(nn.Module):
         if getattr(cache, "keeps_raw_keys", False):  # a sink cache: every kept key, positioned anew
             k, v = cache.update(k, v)
             cache, every_key = None, True
-        if getattr(self.kernel, "global_tokens", 0) and hasattr(self.kernel, "far_positions"):  # LM-Infinite
-            spec = dataclasses.replace(spec, far=self.far_queries(q, pos, spec))
+        if (far_pos := self.kernel.far_positions(spec.q_pos)) is not None:  # LM-Infinite's global keys
+            spec = dataclasses.replace(spec, far=self.far_queries(q, pos, spec, far_pos))
         q, k = pos.rotate(q, k, q_pos, spec.k_pos if every_key else q_pos)
         q, spec = pos.adjust(q, spec, self.layer)
         y = self.kernel.attend(q, k, v, spec, cache)  # (B, H, T, D)
@@ -136,12 +136,13 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out(y))
 
-    def far_queries(self, q: Tensor, pos: PositionScheme, spec: AttnSpec) -> tuple[Tensor, Tensor | None]:
+    def far_queries(self, q: Tensor, pos: PositionScheme, spec: AttnSpec,
+                    q_pos: Tensor) -> tuple[Tensor, Tensor | None]:
         """LM-Infinite's far branch (tfx/nn/attention/lm_infinite.py): the (B, H, Tq, D) queries, before
-        any position scheme, placed at the kernel's capped positions against the first global keys,
-        through the scheme's rotation, bias and adjustment; and their (1|B, H, Tq, G) bias or None."""
+        any position scheme, placed at `q_pos` (the kernel's capped positions) against the first global
+        keys, through the scheme's rotation, bias and adjustment; and their (1|B, H, Tq, G) bias or None."""
         G = min(self.kernel.global_tokens, spec.k_pos.shape[0])
-        q_pos, k_pos = self.kernel.far_positions(spec.q_pos), spec.k_pos[:G]
+        k_pos = spec.k_pos[:G]
         q, _ = pos.rotate(q, q[:, :, :0], q_pos, k_pos[:0])
         far = AttnSpec(q_pos=q_pos, k_pos=k_pos, causal=True, bias=pos.bias(q_pos, k_pos))
         q, far = pos.adjust(q, far, self.layer)

@@ -88,6 +88,11 @@ class AttentionKernel(nn.Module):
             k, v = cache.update(k, v)  # (B, Hkv, L + T, D)
         return self(q, k, v, spec)
 
+    def far_positions(self, q_pos: Tensor) -> Tensor | None:
+        """Positions to place the queries at for a branch scored at capped distances (LM-Infinite's
+        global keys: `AttnSpec.far`, made by the attention module), or None: no such branch."""
+        return None
+
     def aux_loss(self) -> Tensor | None:
         """A penalty this kernel adds to the training loss (per token), or None."""
         return None

@@ -77,9 +77,9 @@ class LMInfiniteAttention(AttentionKernel):
         qp, kp = q_pos[:, None], k_pos[None, :]
         return ((qp - kp) < self.window) | (kp < self.global_tokens)
 
-    def far_positions(self, q_pos: Tensor) -> Tensor:
+    def far_positions(self, q_pos: Tensor) -> Tensor | None:
         """Where each query stands for the global keys outside its window: min(i, ceiling)."""
-        return q_pos.clamp(max=self.ceiling)
+        return q_pos.clamp(max=self.ceiling) if self.global_tokens else None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tensor:
         Tq, Tk = q.shape[2], k.shape[2]
