@@ -150,6 +150,9 @@ class TrainConfig(Strict):
     # reports them, accuracy / macro_f1 (classifier) or bleu / chrf (seq2seq with eval_bleu; higher is better)
     best_metric: Literal["loss", "accuracy", "macro_f1", "bleu", "chrf"] = "loss"
     patience: int | None = Field(None, gt=0)  # stop after this many validations without a better best_metric
+    # validate (and keep as best.safetensors) an exponential moving average of the weights with this decay
+    # (0: off; e.g. 0.999); model.safetensors keeps the trained weights (tfx/train/ema.py)
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast

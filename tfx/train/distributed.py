@@ -109,6 +109,9 @@ def check_recipe(recipe, n: int) -> None:
         raise UsageError(f"train.batch_size ({recipe.train.batch_size}) is the global batch and must divide by "
                          f"the number of processes ({n}): each rank takes batch_size / {n} rows; pick a multiple "
                          f"of {n}")
+    if recipe.train.ema and recipe.train.parallel == "fsdp":
+        raise UsageError(f"train.ema averages whole weights, which train.parallel = 'fsdp' shards over the {n} "
+                         f"processes: use train.parallel = 'ddp' with it, or drop train.ema")
     if recipe.model.memory.kind != "none":
         raise UsageError(f"model.memory.kind = {recipe.model.memory.kind!r} cannot train on {n} processes: the lanes "
                          f"of a segment memory carry from step to step inside one process; train it with one")

@@ -27,6 +27,7 @@ from tfx.rundir.files import BEST, METRICS
 from tfx.train import checkpoint as ckpt
 from tfx.train import distributed as dist
 from tfx.train import early_stop
+from tfx.train.ema import WeightAverage
 from tfx.train import sharded
 from tfx.train.precision import autocast_for, resolve_precision  # autocast_for: also re-exported
 from tfx.train.progress import Progress
@@ -193,6 +194,7 @@ class Trainer:
         self.states: list = [None] * cfg.grad_accum  # per micro-batch: a segment memory between steps, else None
         self.metrics_file = None
         self.early = early_stop.EarlyStop(cfg.patience)  # validations without a better best_metric (train.patience)
+        self.ema = WeightAverage(model, cfg.ema) if cfg.ema else None  # validated in place of the weights
 
     def restore(self) -> None:
         """Continue from the run's latest checkpoint: weights, optimizer, RNG, data position, memories."""
@@ -205,6 +207,8 @@ class Trainer:
             self.best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
         self.early.restore(trainer, same_metric=same_metric)
         self.restore_rng(extra)
+        if self.ema and not self.ema.restore(extra):
+            self.log("the checkpoint has no weight average (train.ema): it starts again from the restored weights")
         for j, saved in enumerate(extra.get("memory") or []):
             if saved and j < len(self.states):  # the memory kind's State.save(), or an old run's list
                 self.states[j] = self.model.restore_memory(saved, self.device)
@@ -265,6 +269,7 @@ class Trainer:
         saved = [s.memory.save() if s is not None and s.memory is not None else None for s in self.states]
         if any(saved):  # so a resume continues the segment memory
             extra["memory"] = saved
+        extra.update(self.ema.state() if self.ema else {})
         trainer = {"step": self.step, "data": asdict(self.position), "best": self.best,
                    "best_metric": self.cfg.best_metric, **self.early.state()}
         if self.sharded:
@@ -324,6 +329,8 @@ class Trainer:
                 loss_sum, n_tokens, seen = stepper(micro, self.states)
                 window_loss += loss_sum
                 self.step += 1
+                if self.ema:
+                    self.ema.update(self.model, self.step)
                 window_tokens += n_tokens
                 window_seen += seen
                 step = self.step
@@ -344,7 +351,8 @@ class Trainer:
                 if self.validator and (due(cfg.eval_every) or final):
                     model = self.unsharded()
                     if self.rank == 0:  # computed once; the other ranks wait for it
-                        self.validate(model)
+                        with self.ema.applied(model) if self.ema else contextlib.nullcontext():
+                            self.validate(model)
                     early = self.early.share(self.rank)  # rank 0's count and decision reach every rank
                     window_start = time.perf_counter()  # validation time is not training throughput
                     if early:  # train.patience ran out: saved, so that --resume knows
