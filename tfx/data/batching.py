@@ -81,7 +81,8 @@ class StreamBlocks:
             starts = shift + (torch.arange(batch_size) + self.rank * batch_size) * lane_len  # (B,)
             while cursor < segments:
                 rows = self.ids[(starts + cursor * self.block)[:, None] + offsets[None, :]].long()  # (B, block + 1)
-                batch = {"input": rows[:, :-1], "target": rows[:, 1:], "reset": torch.tensor(cursor == 0)}
+                batch = {"input": rows[:, :-1], "target": rows[:, 1:], "reset": torch.tensor(cursor == 0),
+                         "position": starts + cursor * self.block}  # (B,): each row's first input token in the text
                 cursor += 1
                 yield batch, DataPosition(epoch, cursor)
             epoch, cursor = epoch + 1, 0

@@ -238,6 +238,20 @@ class Datastore:
         """(n, d) keys -> (dists (n, k) float32 ascending, values (n, k) int64); a missing
         neighbour (an IVF search that found fewer than k) has distance inf and value -1.
         `candidates` (IVF-PQ only; default k): keys retrieved by the codes before exact re-ranking."""
+        dists, rows = self.nearest(queries, k, nprobe=nprobe, candidates=candidates)
+        return dists, self.values_of(rows)
+
+    def values_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The tokens that followed the given rows (int64); -1 where the row is -1 (missing)."""
+        ids = rows.numpy()
+        vals = self.values[np.where(ids < 0, 0, ids).reshape(-1)].astype(np.int64).reshape(ids.shape)
+        vals[ids < 0] = -1
+        return torch.from_numpy(vals)
+
+    def nearest(self, queries: torch.Tensor, k: int, *, nprobe: int | None = None,
+                candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search`'s neighbours as rows of the store: (dists (n, k), rows (n, k) int64, -1 missing).
+        Row r holds the key computed at token r of the stream the store was built on."""
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())  # (n, d)
         k = max(1, min(k, self.count))
         if self._ivf is not None:
@@ -258,9 +272,9 @@ class Datastore:
             dists, ids, missing = (np.take_along_axis(a, order, 1) for a in (dists, ids, missing))
         else:
             dists[missing] = np.inf
-        vals = self.values[ids.reshape(-1)].astype(np.int64).reshape(ids.shape)
-        vals[missing] = -1
-        return torch.from_numpy(dists), torch.from_numpy(vals)
+        ids = ids.astype(np.int64)
+        ids[missing] = -1
+        return torch.from_numpy(dists), torch.from_numpy(ids)
 
     def settings_path(self) -> Path:
         return self.root / "settings.json"

@@ -104,6 +104,8 @@ class LanguageModel(nn.Module):
             return rdrop_head_loss(self.head, h, batch["target"], self.rdrop, ignore_index=IGNORE), {}, None
         if self.stack.recurrent and (state is None or bool(batch.get("reset", False))):
             state = self.stack.new_memory()
+        if (see := getattr(self.stack.recurrence, "see_batch", None)) is not None:
+            see(state.memory, batch)  # what the memory kind reads from the batch itself (spalm: stream positions)
         if self.exits is not None and self.training:  # CALM: every layer's exit takes a loss
             outputs: list = []
             h, state = self.stack(batch["input"], state=state, outputs=outputs)

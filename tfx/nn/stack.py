@@ -213,6 +213,8 @@ class TransformerStack(nn.Module):
                 outputs.append(x)
         if memory is not None:  # the next segment's memory, from the inputs of each layer
             state.aux_loss = self.recurrence.carry(memory, inputs, self.blocks)
+            if hasattr(self.recurrence, "output"):  # a kind that acts on the last hidden states (spalm)
+                return self.recurrence.output(memory, self.norm(x), tokens, self.embed), state
         return self.norm(x), state
 
     def enter(self, tokens: Tensor | None, state: StackState | None, mems: list[Tensor] | None = None, *,

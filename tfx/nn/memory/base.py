@@ -10,6 +10,9 @@ type of its own, which rides in `StackState.memory` from one segment (or trainin
   (or None);
 - `carry(state, inputs, blocks)`: updates `state` for the next segment from the hidden states that
   entered each layer, and returns the segment's auxiliary training loss (or None).
+- optional `output(state, h, tokens, embed)`: the (B, T, d_model) last hidden states (after the
+  final norm) the head reads, from the stack's (spalm); optional `see_batch(state, batch)`: what the
+  kind reads from a training batch besides the tokens (spalm: the rows' stream positions).
 
 The State type itself knows `reorder(index)` (select batch rows), `save()` (named lists of CPU
 tensors, for a checkpoint) and `restore(saved, device)`. A kind that reads a segment in pieces of
@@ -104,7 +107,7 @@ def memory_problems(recipe) -> list[str]:
     m = recipe.model
     if m.memory.kind == "none":
         return []
-    out = []
+    out = list(getattr(MEMORY.get(m.memory.kind), "recipe_problems", lambda cfg: [])(m.memory))  # the kind's own
     if recipe.data.blocks == "random":
         out.append(f"data.blocks: 'random' gives each batch row unrelated text, but {m.memory.kind!r} carries its "
                    f"memory from one segment to the next; use 'lanes' or 'auto'")
