@@ -31,67 +31,7 @@ from tfx.train.ema import WeightAverage
 from tfx.train import sharded
 from tfx.train.precision import autocast_for, resolve_precision  # autocast_for: also re-exported
 from tfx.train.progress import Progress
-
-
-def select_device(name: str) -> torch.device:
-    """train.device: `auto` is CUDA where present, then Apple's MPS, then the CPU. Under torchrun a
-    CUDA process takes the GPU of its LOCAL_RANK (one process per GPU)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        else:
-            return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RunError("train.device = 'cuda' but no CUDA device is available")
-        if dist.world() > 1:
-            index, count = dist.local_rank(), torch.cuda.device_count()
-            if index >= count:
-                raise RunError(f"LOCAL_RANK {index} but this node has {count} CUDA device(s): start at most "
-                               f"{count} process(es) per node (--nproc-per-node)")
-            return torch.device("cuda", index)
-    return torch.device(name)
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to save and exit at the end of the current step."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint's step (they will be recomputed) and torn last lines."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    ckpt.atomic_write_text(path, "".join(x + "\n" for x in keep))
+from tfx.train.runtime import StopFlag, select_device, trim_metrics  # noqa: F401  (re-exported)
 
 
 class TrainStep:
@@ -193,6 +133,7 @@ class Trainer:
         self.step, self.position, self.best, self.last_saved = 0, DataPosition(), math.inf, 0
         self.states: list = [None] * cfg.grad_accum  # per micro-batch: a segment memory between steps, else None
         self.metrics_file = None
+        self.tokens_seen, self.train_seconds = 0, 0.0  # logged as seen_tokens, train_time; in checkpoints
         self.early = early_stop.EarlyStop(cfg.patience)  # validations without a better best_metric (train.patience)
         self.ema = WeightAverage(model, cfg.ema) if cfg.ema else None  # validated in place of the weights
 
@@ -202,6 +143,7 @@ class Trainer:
             ckpt.require_sharded(self.run_dir)  # a DDP run's checkpoint does not load into FSDP shards
         trainer, extra = ckpt.load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer)
         self.step, self.position, self.best = trainer["step"], DataPosition(**trainer["data"]), trainer["best"]
+        self.tokens_seen, self.train_seconds = trainer.get("seen_tokens", 0), trainer.get("train_time", 0.0)
         same_metric = trainer.get("best_metric", "loss") == self.cfg.best_metric
         if not same_metric:
             self.best = math.inf  # best.safetensors was chosen on another metric: the next validation replaces it
@@ -271,7 +213,8 @@ class Trainer:
             extra["memory"] = saved
         extra.update(self.ema.state() if self.ema else {})
         trainer = {"step": self.step, "data": asdict(self.position), "best": self.best,
-                   "best_metric": self.cfg.best_metric, **self.early.state()}
+                   "best_metric": self.cfg.best_metric, "seen_tokens": self.tokens_seen, "train_time": self.train_seconds,
+                   **self.early.state()}
         if self.sharded:
             ckpt.save_sharded_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
                                          weights=self.unsharded(), trainer=trainer, extra=extra,
@@ -286,7 +229,8 @@ class Trainer:
         follows train.best_metric."""
         metric = self.cfg.best_metric
         result = {k: v for k, v in self.validator(model).items() if isinstance(v, (int, float, str))}
-        self.write({"step": self.step, "split": "valid", **result})
+        self.write({"step": self.step, "split": "valid", **result, "seen_tokens": self.tokens_seen,
+                    "train_time": round(self.train_seconds, 3)})
         self.log(f"step {self.step} | valid "
                  + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
         score = -result[metric] if metric in HIGHER_IS_BETTER else result[metric]
@@ -314,6 +258,7 @@ class Trainer:
         self.model.train()
         window_loss = torch.zeros((), device=self.device)
         window_tokens, window_seen, window_start, last = 0, 0, time.perf_counter(), {}
+        mark = window_start  # training time since the last log (validation not counted)
         deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         with StopFlag() as stop, Progress(total=cfg.steps, start=self.step, log=self.log) as progress:
             while self.step < cfg.steps:
@@ -333,6 +278,7 @@ class Trainer:
                     self.ema.update(self.model, self.step)
                 window_tokens += n_tokens
                 window_seen += seen
+                self.tokens_seen += seen
                 step = self.step
                 due = lambda every: every and step % every == 0  # noqa: E731
                 timed_out, stopping = time.perf_counter() >= deadline, stop.signal is not None
@@ -342,19 +288,22 @@ class Trainer:
                 saving = due(cfg.save_every) or final or stopping
                 if due(cfg.log_every) or saving:
                     mean = self.checked_mean(dist.all_reduce_sum(window_loss), window_tokens)
-                    elapsed = time.perf_counter() - window_start
-                    last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen / elapsed}
+                    now = time.perf_counter()
+                    elapsed, self.train_seconds, mark = now - window_start, self.train_seconds + now - mark, now
+                    last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen / elapsed,
+                            "seen_tokens": self.tokens_seen, "train_time": round(self.train_seconds, 3)}
                     self.write(last)
                     progress.update(step, loss=mean, lr=lr, tokens_per_s=last["tokens_per_s"])
                     window_loss.zero_()
                     window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
                 if self.validator and (due(cfg.eval_every) or final):
+                    self.train_seconds += time.perf_counter() - mark  # the training time before this validation
                     model = self.unsharded()
                     if self.rank == 0:  # computed once; the other ranks wait for it
                         with self.ema.applied(model) if self.ema else contextlib.nullcontext():
                             self.validate(model)
                     early = self.early.share(self.rank)  # rank 0's count and decision reach every rank
-                    window_start = time.perf_counter()  # validation time is not training throughput
+                    window_start = mark = time.perf_counter()  # validation time is not training time
                     if early:  # train.patience ran out: saved, so that --resume knows
                         saving = True
                         self.write(self.early.record(step, cfg.best_metric, self.best))
