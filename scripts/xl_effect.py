@@ -11,7 +11,8 @@ read in contiguous lanes as the memories read it: data.blocks = "lanes") and eac
 with the same steps and batches. XL keeps mem_len = m x C for each m of --mems (at the first
 position scheme; mem_len = C at the others). Other kinds
 (--kinds compressive,memorizing,rmt,spalm) are sized as scripts/compare_memory.py sizes them;
-spalm retrieves from a datastore of the control run's training text (tfx knn build, IVF-PQ).
+spalm retrieves from a datastore of the control run's training text (tfx knn build: the first
+--store-tokens tokens, IVF-PQ searched with nprobe 8).
 Then, on the whole valid split, every run is read three ways:
 
 - segments: non-overlapping windows of C tokens, no memory (each token sees 0..C-1 tokens back);
@@ -89,7 +90,8 @@ def train(args, name: str, keys: dict, core: int) -> None:
     if keys.get("model.memory.kind") == '"spalm"':
         control = Path(args.out) / name.replace("spalm-", "none-")
         if not (control / "knn" / "meta.json").exists():
-            subprocess.run([*tfx, "knn", "build", str(control), "--split", "train", "--index", "ivfpq"],
+            subprocess.run([*tfx, "knn", "build", str(control), "--split", "train", "--index", "ivfpq",
+                            "--max-tokens", str(args.store_tokens), "--nprobe", "8"],
                            cwd=REPO, env=env, check=True, capture_output=True)
     print(f"training {name} ...", file=sys.stderr, flush=True)
     with open(Path(args.out) / f"{name}.log", "w") as log:
@@ -168,6 +170,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="trainings at a time, one core each")
     ap.add_argument("--mass-tokens", type=int, default=20_000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--store-tokens", type=int, default=1_000_000,
+                    help="spalm: the datastore keeps the first N training tokens (IVF-PQ, nprobe 8)")
+    ap.add_argument("--remeasure", action="store_true", help="measure runs that results.json already has again")
     args = ap.parse_args()
     args.out = args.out or str(REPO / "runs" / f"xl-effect-{args.model}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -189,8 +194,10 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(pinned, group))
     torch.set_num_threads(max(1, args.jobs))
-    results = {name: measure(args, name) for name, _ in runs}
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    path = Path(args.out) / "results.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    results = {name: kept[name] if name in kept and not args.remeasure else measure(args, name) for name, _ in runs}
+    path.write_text(json.dumps({**kept, **results}, indent=1) + "\n")
     print(f"{'run':<22} {'segments':>9} {'in order':>9} {'sliding':>9} {'vs none':>8} {'tok/s':>7}  memory mass by layer")
     for name, r in results.items():
         control = results[f"none-{name.split('-', 1)[1]}"]

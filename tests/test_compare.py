@@ -1,0 +1,57 @@
+"""tfx compare: each variant trained under the same budget in its own process, evaluated on the
+same split, reported (table, JSON, curves); a second call reuses the runs; bad --vary is a clear error."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY, run_tfx, sets
+
+from tfx.compare import parse_vary, toml_value, variants
+from tfx.errors import UsageError
+
+LM = "recipes/lm/shakespeare-char.toml"
+
+
+def test_vary_values_and_names():
+    vary = parse_vary(["model.attention.kind=dense,local", "train.optimizer.betas=[0.9,0.99],[0.9,0.95]"])
+    assert vary == [("model.attention.kind", ["dense", "local"]),
+                    ("train.optimizer.betas", ["[0.9,0.99]", "[0.9,0.95]"])]
+    todo = variants(vary)
+    assert [v.name for v in todo] == ["dense_-0.9-0.99-", "dense_-0.9-0.95-", "local_-0.9-0.99-", "local_-0.9-0.95-"]
+    assert todo[0].sets == ['model.attention.kind="dense"', "train.optimizer.betas=[0.9,0.99]"]
+    assert [toml_value(x) for x in ("3e-3", "true", "rope", '"a b"')] == ["3e-3", "true", '"rope"', '"a b"']
+    for bad in ("model.attention.kind", "=a,b", "x="):
+        with pytest.raises(UsageError, match="expected KEY=V1,V2"):
+            parse_vary([bad])
+
+
+def test_cli_compares_resumes_and_reports(tmp_path, small_text):
+    out = tmp_path / "cmp"
+    base = sets(*TINY, f"data.train={small_text}", "data.corpus=''", "data.holdout=0.1", "train.eval_every=5",
+                "train.save_every=5")
+    args = ["compare", LM, "--vary", "model.position.kind=rope,alibi", "--steps", "10", "--out", str(out), *base]
+    proc = run_tfx(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [v["name"] for v in report["variants"]] == ["rope", "alibi"]
+    for v in report["variants"]:
+        ev = json.loads(run_tfx("eval", str(out / v["name"]), "--split", "valid", "--json").stdout)
+        assert v["metric"] == "perplexity" and v["value"] == pytest.approx(ev["perplexity"], rel=1e-6)
+        assert v["steps"] == 10 and v["parameters"] > 0 and v["peak_mib"] > 50 and v["tokens_per_s"] > 0
+        recipe = (out / v["name"] / "recipe.toml").read_text()
+        assert f'kind = "{v["name"]}"' in recipe and "steps = 10" in recipe
+    assert report["best"] == min(report["variants"], key=lambda v: v["value"])["name"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_tfx(*args)  # nothing trains again: the table comes from the cache
+    assert again.returncode == 0 and "measured already" in again.stderr and "training" not in again.stderr
+    assert "rope" in again.stdout and "alibi" in again.stdout and "perplexity" in again.stdout
+
+
+def test_cli_refusals(tmp_path):
+    for bad, says in [(["--vary", "model.position.kind=rope"], "give the budget"),
+                      (["--vary", "model.position.kind=rope", "--steps", "5", "--minutes", "1"], "give the budget"),
+                      (["--vary", "model.nonsense=1,2", "--steps", "5"], "nonsense"),
+                      (["--vary", "model.position.kind=rope,rope", "--steps", "5"], "the same name")]:
+        proc = run_tfx("compare", LM, *bad, "--out", str(tmp_path / "x"))
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
