@@ -177,7 +177,7 @@ class GenerateConfig(Strict):
 class Recipe(Strict):
     name: str = "run"
     family: str = "lm"  # a name of the family registry (tfx/families/)
-    init_from: str | None = None  # a run whose encoder (and tokenizer) a classifier starts from
+    init_from: str | None = None  # a run to start from: all its tensors (same family) or its encoder (mlm/mim), and its tokenizer
     data: DataConfig
     tokenizer: TokenizerKind = _default(TOKENIZER, "char")
     src_tokenizer: Optional[TokenizerKind] = None  # seq2seq: a separate source-side tokenizer (default: joint)

@@ -28,6 +28,8 @@ def new_tokenizer(recipe, task, run_dir: Path):
 
     if recipe.init_from:
         shutil.copytree(Path(recipe.init_from) / TOKENIZER, run_dir / TOKENIZER, dirs_exist_ok=True)
+        if (Path(recipe.init_from) / SRC_TOKENIZER).is_dir():  # a seq2seq run's separate source side
+            shutil.copytree(Path(recipe.init_from) / SRC_TOKENIZER, run_dir / SRC_TOKENIZER, dirs_exist_ok=True)
         return load_tokenizer(run_dir / TOKENIZER)
     separate = recipe.src_tokenizer is not None
 
@@ -87,7 +89,7 @@ def _train(recipe, run_dir: Path, resume: str | None) -> dict:
     read its tokenizer; every rank builds the same global batches and the training step takes its rows of each (tfx.train.distributed.shard)."""
     from tfx.config import recipe_dict, to_toml
     from tfx.data.tokenizers import load_tokenizer
-    from tfx.families import build_model, init_encoder
+    from tfx.families import build_model, family_of, init_weights
     from tfx.nn.stack import set_activation_checkpointing
     from tfx.train.loop import autocast_for, select_device, train_loop
 
@@ -113,7 +115,9 @@ def _train(recipe, run_dir: Path, resume: str | None) -> dict:
     model = build_model(recipe, tokenizer=tokenizer, run_dir=run_dir)
     set_activation_checkpointing(model, recipe.train.activation_checkpointing)
     if recipe.init_from and not resume:
-        init_encoder(model, load_run(recipe.init_from)[2], where=recipe.init_from, log=log)
+        source_recipe, _, source = load_run(recipe.init_from)
+        init_weights(model, source, where=recipe.init_from, same_family=family_of(source_recipe) is family_of(recipe),
+                     log=log)
     log(f"{run_dir}: {recipe.family} model with {sum(p.numel() for p in model.parameters()):,} parameters")
     device = select_device(recipe.train.device)
     autocast = autocast_for(device, recipe.train.precision)

@@ -16,7 +16,7 @@ from tfx.families.base import FAMILY, Family, StackSpec, family_names, family_of
 from tfx.families import classifier, lm, mim, mlm, seq2seq, vit  # noqa: F401  (the registrations, one module per family)
 
 __all__ = ["FAMILY", "Family", "StackSpec", "family_of", "family_names", "need_text_lm", "build_model",
-           "init_encoder", "get_task"]
+           "init_encoder", "init_weights", "get_task"]
 
 
 def build_model(recipe, *, tokenizer=None, vocab_size: int | None = None, run_dir: str | Path | None = None):
@@ -28,6 +28,34 @@ def build_model(recipe, *, tokenizer=None, vocab_size: int | None = None, run_di
 def get_task(recipe, run_dir: str | Path | None = None):
     """The recipe's task (tfx/tasks/), as its family names it."""
     return family_of(recipe).task()(recipe, run_dir)
+
+
+def init_weights(model, source, *, where: str, same_family: bool, log) -> None:
+    """`init_from`: a run of the same family gives every tensor both models have (continued
+    pretraining, fine-tuning: an lm into an lm, seq2seq into seq2seq, ...); another family gives its
+    encoder (an mlm or mim run into a classifier or vit). Tensors of this model that the source
+    lacks (a new memory's gate, a new head) keep their fresh start and are named in the log; a
+    tensor both have with another shape is refused."""
+    if not same_family:
+        return init_encoder(model, source, where=where, log=log)
+    from tfx.errors import UsageError
+
+    import torch
+
+    theirs, ours = source.state_dict(), model.state_dict()
+    bad = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if bad:
+        raise UsageError(f"init_from: {where} does not fit this recipe's model: {bad[0]} is "
+                         f"{tuple(theirs[bad[0]].shape)} there and {tuple(ours[bad[0]].shape)} here (use the same "
+                         f"model sizes and tokenizer)")
+    shared = [k for k in ours if k in theirs]
+    if not shared:
+        raise UsageError(f"init_from: {where} has no tensor this model has")
+    with torch.no_grad():
+        model.load_state_dict({**ours, **{k: theirs[k] for k in shared}})
+    new = [k for k in ours if k not in theirs]
+    log(f"initialised from {where}: {len(shared)} of {len(ours)} tensors"
+        + (f"; new: {', '.join(new[:4])}{' ...' if len(new) > 4 else ''}" if new else ""))
 
 
 def init_encoder(model, source, *, where: str, log) -> None:
