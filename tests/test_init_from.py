@@ -44,3 +44,22 @@ def test_new_tensors_are_named_and_misfits_refused(source, tmp_path, small_text)
     wide = run_tfx("train", LM, *common, "--set", "model.d_model=64", "--out", str(tmp_path / "wide"))
     assert wide.returncode == 2 and "does not fit this recipe's model: stack.embed.weight is" in wide.stderr
     assert "Traceback" not in wide.stderr
+
+
+def test_freeze_keeps_named_parameters(source, tmp_path, small_text):
+    """train.freeze = ["embeddings", "blocks:1"] after init_from: those tensors are the source's bit
+    for bit after 4 steps (no gradient, no weight decay), every other one moved; a name that matches
+    nothing is refused."""
+    out = tmp_path / "frozen"
+    common = sets(*TINY, f"data.train={small_text}", "data.corpus=''", "data.holdout=0.1", "train.steps=4",
+                  "train.eval_every=0", f"init_from='{source}'")
+    proc = run_tfx("train", LM, *common, "--set", "train.freeze=['embeddings', 'blocks:1']", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "train.freeze:" in proc.stderr
+    theirs, ours = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    frozen = {k for k in ours if "embed" in k or k.startswith("stack.blocks.0.") or k == "head.weight"}  # tied
+    assert frozen and any(k.startswith("stack.blocks.0.") for k in frozen)
+    assert all(torch.equal(theirs[k], ours[k]) for k in frozen)
+    assert [k for k in ours if k not in frozen and torch.equal(theirs[k], ours[k])] == []
+    bad = run_tfx("train", LM, *common, "--set", "train.freeze=['nothing.here']", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "names no parameter" in bad.stderr and "Traceback" not in bad.stderr

@@ -153,6 +153,7 @@ class TrainConfig(Strict):
     # validate (and keep as best.safetensors) an exponential moving average of the weights with this decay
     # (0: off; e.g. 0.999); model.safetensors keeps the trained weights (tfx/train/ema.py)
     ema: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze: list[str] = Field(default_factory=list)  # parameters kept fixed: names, prefixes, "embeddings", "blocks:N"
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the loss (forward and backward); the default is eager and fast

@@ -119,6 +119,11 @@ def _train(recipe, run_dir: Path, resume: str | None) -> dict:
         init_weights(model, source, where=recipe.init_from, same_family=family_of(source_recipe) is family_of(recipe),
                      log=log)
     log(f"{run_dir}: {recipe.family} model with {sum(p.numel() for p in model.parameters()):,} parameters")
+    if recipe.train.freeze:
+        from tfx.train.freeze import freeze
+
+        tensors, count = freeze(model, recipe.train.freeze)
+        log(f"train.freeze: {tensors} tensors ({count:,} parameters) kept as they start")
     device = select_device(recipe.train.device)
     autocast = autocast_for(device, recipe.train.precision)
     validator = (lambda m: validate(m, device, autocast)) if validate else None
