@@ -26,3 +26,13 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", overrides: Iterab
     load_weights(model, weights_path(run, checkpoint))
     model.eval()
     return recipe, tokenizer, model
+
+
+def _hand_over() -> None:
+    """SPALM's memory loads its datastore's run (tfx/nn/memory/spalm.py) through this module."""
+    from tfx.nn.memory import spalm
+
+    spalm.load_run = load_run
+
+
+_hand_over()

@@ -37,6 +37,11 @@ from tfx.nn.memory.xl import XLMemory, XLState
 from tfx.registry import MEMORY, KindConfig
 
 
+# How a run directory is loaded, set by tfx.rundir when it is imported: the memory kinds sit below the
+# run layer (which builds models through them), so this one is handed the loader instead of importing it.
+load_run = None
+
+
 class SpalmConfig(KindConfig):
     kind: str = "spalm"
     datastore: str  # a run directory with a kNN datastore (tfx knn build RUN --split train): its model and store
@@ -59,8 +64,9 @@ class Retriever:
     def __init__(self, run_dir: str, vocab_size: int, device):
         from tfx.knn.datastore import Datastore
         from tfx.knn.keys import KeyCapture
-        from tfx.rundir import load_run
 
+        if load_run is None:  # pragma: no cover - tfx.rundir is imported wherever a run is trained or loaded
+            raise RunError("SPALM needs tfx.rundir to load its datastore's run: import tfx.rundir first")
         if not (Path(run_dir) / "recipe.toml").is_file():
             raise RunError(f"model.memory.datastore = {run_dir!r}: not a tfx run directory (SPALM retrieves from a "
                            f"trained LM's datastore: tfx train ..., then tfx knn build RUN --split train)")
