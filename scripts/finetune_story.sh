@@ -15,9 +15,12 @@ tfx=${TFX:-.venv/bin/tfx}
 recipe=recipes/lm/shakespeare-bpe.toml
 "$tfx" data get shakespeare >/dev/null
 "$tfx" data get bible-de-en >/dev/null
-mkdir -p "$out"
-bible=(--set "data.corpus=''" --set data.train=data/bible-de-en/train.en --set data.valid=data/bible-de-en/valid.en
-       --set data.test=data/bible-de-en/test.en --set train.steps="$steps" --set train.eval_every=200
+mkdir -p "$out/bible-en"
+for split in train valid test; do  # an lm reads .txt: the English side as plain text files
+  cp data/bible-de-en/$split.en "$out/bible-en/$split.txt"
+done
+bible=(--set "data.corpus=''" --set data.train="$out/bible-en/train.txt" --set data.valid="$out/bible-en/valid.txt"
+       --set data.test="$out/bible-en/test.txt" --set train.steps="$steps" --set train.eval_every=200
        --set train.save_every=0)
 [ -f "$out/shakespeare/best.safetensors" ] || "$tfx" train "$recipe" --set train.save_every=0 --out "$out/shakespeare" 2> "$out/shakespeare.log"
 [ -f "$out/bible-ft/best.safetensors" ] || "$tfx" train "$recipe" "${bible[@]}" --set init_from="'$out/shakespeare'" \
@@ -25,7 +28,7 @@ bible=(--set "data.corpus=''" --set data.train=data/bible-de-en/train.en --set d
 [ -f "$out/bible-scratch/best.safetensors" ] || "$tfx" train "$recipe" "${bible[@]}" --out "$out/bible-scratch" 2> "$out/bible-scratch.log"
 printf '%-16s %-12s %10s %10s %8s\n' run "test text" "bits/byte" perplexity tokens
 for run in shakespeare bible-ft bible-scratch; do
-  for text in data/shakespeare/test.txt data/bible-de-en/test.en; do
+  for text in data/shakespeare/test.txt "$out/bible-en/test.txt"; do
     "$tfx" eval "$out/$run" --data "$text" --json | python3 -c "
 import json, sys
 r = json.load(sys.stdin)

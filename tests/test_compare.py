@@ -3,6 +3,7 @@ same split, reported (table, JSON, curves); a second call reuses the runs; bad -
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import TINY, run_tfx, sets
@@ -55,3 +56,19 @@ def test_cli_refusals(tmp_path):
                       (["--vary", "model.position.kind=rope,rope", "--steps", "5"], "the same name")]:
         proc = run_tfx("compare", LM, *bad, "--out", str(tmp_path / "x"))
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
+
+
+def test_equal_time_sizes_each_variant_by_a_probe(tmp_path, small_text):
+    """--minutes: a 20-step probe times the variant; its run gets the steps that fill the time (and
+    train.max_minutes as a cap), and the probe leaves nothing behind."""
+    out = tmp_path / "timed"
+    base = sets(*TINY, f"data.train={small_text}", "data.corpus=''", "data.holdout=0.1", "train.eval_every=0")
+    proc = run_tfx("compare", LM, "--vary", "model.position.kind=rope", "--minutes", "0.1", "--out", str(out),
+                   "--plot", "", *base)
+    assert proc.returncode == 0, proc.stderr
+    sized = re.search(r"rope: ([\d.]+) s a step -> train.steps = (\d+) for 0.1 minutes", proc.stderr)
+    want = 0.1 * 60 / float(sized.group(1)) * 0.95  # (the printed seconds are rounded to 3 decimals)
+    assert sized and abs(int(sized.group(2)) - want) <= 0.01 * want + 1 and want > 20
+    recipe = (out / "rope" / "recipe.toml").read_text()
+    assert f"steps = {sized.group(2)}" in recipe and "max_minutes = 0.1" in recipe
+    assert not (out / "probe").exists() and not (out / "curves.png").exists()
