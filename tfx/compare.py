@@ -128,7 +128,7 @@ def train_variant(recipe: str, v: Variant, run: Path, budget: dict, overrides: l
     if budget.get("minutes"):
         per_step = seconds_per_step(recipe, sets, run.parent)
         steps = max(1, int(budget["minutes"] * 60 / per_step * 0.95))
-        log(f"{v.name}: {per_step:.3f} s a step -> train.steps = {steps} for {budget['minutes']:g} minutes")
+        log(f"{v.name}: {per_step:.4g} s a step -> train.steps = {steps} for {budget['minutes']:g} minutes")
         sets += [f"train.steps={steps}", f"train.max_minutes={budget['minutes']}"]
     else:
         sets += [f"train.steps={budget['steps']}"]

@@ -21,7 +21,7 @@ def compare(
                                        "a second call resumes or reuses them."),
     split: str = typer.Option("valid", help="Split every variant is evaluated on."),
     set_: Optional[List[str]] = SET,
-    plot: Optional[Path] = typer.Option(None, help="Picture of the curves (default OUT/curves.png; '' for none)."),
+    plot: Optional[str] = typer.Option(None, help="Picture of the curves (default OUT/curves.png; '' for none)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Train each variant of RECIPE under the same budget, one after another, and compare them.
@@ -41,7 +41,7 @@ def compare(
     folder = out or Path("runs") / "compare" / str(read_toml(recipe).get("name", recipe.stem))
     todo = run_compare(str(recipe), vary, steps=steps, minutes=minutes, out=folder, split=split,
                        overrides=set_ or [], log=err)
-    picture = None if plot is not None and str(plot) == "" else (plot or folder / "curves.png")
+    picture = None if plot == "" else Path(plot) if plot else folder / "curves.png"
     if picture is not None:
         draw(todo, folder, picture, x="time" if minutes else "step")
     best = best_of(todo)
