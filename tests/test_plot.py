@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_tfx, sets
+from conftest import TINY, run_tfx, sets, tfx_in_process
 
 from tfx.errors import UsageError
 from tfx.plot import curves, plot_runs, read_rows
@@ -87,9 +87,9 @@ def test_cli(runs, tmp_path):
                       (["--out", str(tmp_path / "p.txt")], ".png, .pdf or .svg"),
                       (["--labels", "one", "--out", str(out)], "1 labels for 2 runs"),
                       ([], "give --out")]:
-        proc = run_tfx("plot", *map(str, runs), *bad)
+        proc = tfx_in_process("plot", *map(str, runs), *bad)  # the error paths: no start-up each
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
-    missing = run_tfx("plot", str(tmp_path / "nope"), "--out", str(out))
+    missing = tfx_in_process("plot", str(tmp_path / "nope"), "--out", str(out))
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
 
 
