@@ -68,6 +68,18 @@ def tfx_in_process(*args: str, input: str | None = None, env: dict | None = None
     return subprocess.CompletedProcess(["tfx", *args], code, out.getvalue(), error.getvalue())
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch (and faiss, which follows torch's thread count) on one thread for a module's tests:
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shakespeare(tmp_path_factory) -> Path:
     """`tfx data get shakespeare` once per session, into a private data root."""

@@ -21,12 +21,7 @@ from tfx.knn.scoring import (LAMBDAS, KeyCapture, KNNAdjuster, KNNSettings, inte
 RECIPE = str(REPO / "recipes/lm/shakespeare-char.toml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # faiss follows torch's thread count
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # faiss follows torch's thread count
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ RECIPE = "recipes/lm/shakespeare-char.toml"
 C, K = 8, 4  # the SPALM model's context (its segment) and neighbours per position
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # faiss follows torch's thread count
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # faiss follows torch's thread count
 
 
 @pytest.fixture(scope="module")

@@ -148,10 +148,11 @@ def train_variant(recipe: str, v: Variant, run: Path, budget: dict, overrides: l
 
 def _finished(run: Path) -> bool:
     """The run reached its recipe's steps, or stopped early, or by max_minutes (a complete run)."""
-    trainer = json.loads((run / STATE / (run / STATE / "LATEST").read_text().strip() / "trainer.json").read_text())
-    import tomllib
+    from tfx.config import read_toml
+    from tfx.train.checkpoint import latest_checkpoint
 
-    steps = tomllib.loads((run / RECIPE).read_text())["train"]["steps"]
+    trainer = json.loads((latest_checkpoint(run) / "trainer.json").read_text())
+    steps = read_toml(run / RECIPE)["train"]["steps"]
     timed_out = any("max_minutes" in line for line in _log_lines(run))
     return trainer["step"] >= steps or trainer.get("early_stopped") is not None or timed_out
 

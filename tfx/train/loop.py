@@ -258,7 +258,6 @@ class Trainer:
         self.model.train()
         window_loss = torch.zeros((), device=self.device)
         window_tokens, window_seen, window_start, last = 0, 0, time.perf_counter(), {}
-        mark = window_start  # training time since the last log (validation not counted)
         deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         with StopFlag() as stop, Progress(total=cfg.steps, start=self.step, log=self.log) as progress:
             while self.step < cfg.steps:
@@ -288,8 +287,8 @@ class Trainer:
                 saving = due(cfg.save_every) or final or stopping
                 if due(cfg.log_every) or saving:
                     mean = self.checked_mean(dist.all_reduce_sum(window_loss), window_tokens)
-                    now = time.perf_counter()
-                    elapsed, self.train_seconds, mark = now - window_start, self.train_seconds + now - mark, now
+                    elapsed = time.perf_counter() - window_start
+                    self.train_seconds += elapsed  # training time: the windows between logs and validations
                     last = {"step": step, "loss": mean, "lr": lr, "tokens_per_s": window_seen / elapsed,
                             "seen_tokens": self.tokens_seen, "train_time": round(self.train_seconds, 3)}
                     self.write(last)
@@ -297,13 +296,13 @@ class Trainer:
                     window_loss.zero_()
                     window_tokens, window_seen, window_start = 0, 0, time.perf_counter()
                 if self.validator and (due(cfg.eval_every) or final):
-                    self.train_seconds += time.perf_counter() - mark  # the training time before this validation
+                    self.train_seconds += time.perf_counter() - window_start  # the training before this validation
                     model = self.unsharded()
                     if self.rank == 0:  # computed once; the other ranks wait for it
                         with self.ema.applied(model) if self.ema else contextlib.nullcontext():
                             self.validate(model)
                     early = self.early.share(self.rank)  # rank 0's count and decision reach every rank
-                    window_start = mark = time.perf_counter()  # validation time is not training time
+                    window_start = time.perf_counter()  # validation time is not training time
                     if early:  # train.patience ran out: saved, so that --resume knows
                         saving = True
                         self.write(self.early.record(step, cfg.best_metric, self.best))
