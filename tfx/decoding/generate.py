@@ -121,8 +121,11 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, tempera
                 shown = safe
         return cut >= 0
 
+    stop_ids = {tokenizer.eos_id, tokenizer.bos_id}
+    # never ban a stop id (an imported GPT-2 tokenizer has pad = unk = eos)
+    banned_ids = tuple(dict.fromkeys(i for i in (tokenizer.pad_id, tokenizer.unk_id) if i not in stop_ids))
     generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                 stop_ids={tokenizer.eos_id, tokenizer.bos_id}, banned_ids=(tokenizer.pad_id, tokenizer.unk_id),
+                 stop_ids=stop_ids, banned_ids=banned_ids,
                  generator=generator, on_token=on_token, adjust_logprobs=adjust_logprobs, stream=stream,
                  compile=compile)
     text = tokenizer.decode(new)
