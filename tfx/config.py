@@ -89,7 +89,8 @@ class ModelConfig(Strict):
     attn_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on attention weights (forces SDPA's slower path)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0)
-    ffn: Literal["gelu", "relu", "swiglu", "dwconv"] = "gelu"  # dwconv: EfficientViT's (tfx/nn/dwconv.py)
+    # gelu_tanh: GELU's tanh approximation (GPT-2); silu: x·sigmoid(x) (Marian); dwconv: EfficientViT's (tfx/nn/dwconv.py)
+    ffn: Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "dwconv"] = "gelu"
     norm_position: Literal["pre", "post"] = "pre"  # post: the original x = norm(x + sublayer(x)), no final norm
     block: Literal["standard", "simplified"] = "standard"  # simplified: He & Hofmann 2023 (tfx/nn/simplified.py)
     depth: DepthConfig = Field(default_factory=DepthConfig)
@@ -101,7 +102,10 @@ class ModelConfig(Strict):
     tie_embeddings: bool = True
     encoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
     decoder_layers: int | None = Field(None, gt=0)  # seq2seq (default n_layers)
-    pool: Literal["cls", "mean"] = "cls"            # classifier: the [CLS] (first) token or the mean
+    # classifier: the [CLS] (first) token, the mean, or BERT's pooler (a tanh layer over [CLS])
+    pool: Literal["cls", "mean", "pooler"] = "cls"
+    embed_norm: bool = False  # a norm over the embeddings (positions added) before the first block (BERT)
+    head_transform: bool = False  # mlm: BERT's dense + GELU + norm before the tied output layer, which gets a bias
     patch: int = Field(4, gt=0)                     # vit: patches of patch x patch pixels
     stem: int = Field(0, ge=0)                      # vit: channels of a 3x3 conv + GELU before the patches; 0: none
     attention: AttentionKind = _default(ATTENTION, "dense")

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from tfx.models.lm import IGNORE, head_loss, output_head
 from tfx.nn.regularisers import SPECIAL_IDS, rdrop_head_loss, rdrop_loss, twice
+from tfx.nn.layers import make_norm
 from tfx.nn.stack import TransformerStack
 
 
@@ -30,20 +31,27 @@ class MaskedLM(nn.Module):
         self.cfg, self.vocab_size, self.mask_prob, self.rdrop = cfg, vocab_size, mask_prob, rdrop
         self.mask_id = vocab_size - 1
         self.encoder = encoder_stack(cfg, vocab_size, word_dropout)
+        # BERT's prediction head (model.head_transform): dense + GELU + norm, then the output layer with a bias
+        self.transform = HeadTransform(cfg) if getattr(cfg, "head_transform", False) else None
         self.head = output_head(cfg.d_model, vocab_size, self.encoder.embed if cfg.tie_embeddings else None)
+        if self.transform is not None:
+            self.head.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def hidden(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """What the output layer reads: the encoder's states, through the head's transform if any."""
+        h, _ = self.encoder(tokens, key_padding_mask=mask)
+        return self.transform(h) if self.transform is not None else h
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        h, _ = self.encoder(tokens, key_padding_mask=mask)
-        return self.head(h)  # (B, T, vocab)
+        return self.head(self.hidden(tokens, mask))  # (B, T, vocab)
 
     def loss(self, batch: dict, state=None) -> tuple[Tensor, dict, None]:
         """Summed loss over the masked positions; only their states go through the output head
         (~15% of the tokens), as in BERT's reference pretraining code. R-Drop (training): two passes."""
         if self.rdrop and self.training:
-            tokens, mask = twice(batch["input"], batch.get("mask"))
-            h, _ = self.encoder(tokens, key_padding_mask=mask)
+            h = self.hidden(*twice(batch["input"], batch.get("mask")))
             return rdrop_head_loss(self.head, h, batch["target"], self.rdrop, ignore_index=IGNORE), {}, None
-        h, _ = self.encoder(batch["input"], key_padding_mask=batch.get("mask"))
+        h = self.hidden(batch["input"], batch.get("mask"))
         target = batch["target"]
         picked = target != IGNORE
         return head_loss(self.head, h[picked][None], target[picked][None]), {}, None  # (1, masked, d)
@@ -56,6 +64,20 @@ class MaskedLM(nn.Module):
     @staticmethod
     def input_tokens(batch: dict) -> int:
         return int(batch["input"].numel())
+
+
+class HeadTransform(nn.Module):
+    """BERT's transform before the masked-LM output layer: norm(GELU(dense(h)))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        nn.init.normal_(self.dense.weight, std=0.02)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.dense(h)))
 
 
 def mask_tokens(tokens: Tensor, *, prob: float, mask_id: int, vocab: int, special: tuple[int, ...],
@@ -77,12 +99,16 @@ def mask_tokens(tokens: Tensor, *, prob: float, mask_id: int, vocab: int, specia
 
 
 class Classifier(nn.Module):
-    """Text classification: a non-causal encoder, [CLS] (first token) or mean pooling, a linear head."""
+    """Text classification: a non-causal encoder, [CLS] (first token), mean or BERT's pooler, a linear head."""
 
     def __init__(self, cfg, *, vocab_size: int, n_labels: int, word_dropout: float = 0.0, rdrop: float = 0.0):
         super().__init__()
         self.cfg, self.vocab_size, self.n_labels, self.rdrop = cfg, vocab_size, n_labels, rdrop
         self.encoder = encoder_stack(cfg, vocab_size, word_dropout)
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pool == "pooler" else None  # BERT's: tanh over [CLS]
+        if self.pooler is not None:
+            nn.init.normal_(self.pooler.weight, std=0.02)
+            nn.init.zeros_(self.pooler.bias)
         self.head = nn.Linear(cfg.d_model, n_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -90,7 +116,9 @@ class Classifier(nn.Module):
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """(B, T) ids, (B, T) True-for-real-token -> (B, n_labels) logits."""
         h, _ = self.encoder(tokens, key_padding_mask=mask)  # (B, T, d_model)
-        if self.cfg.pool == "cls":
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(h[:, 0]))
+        elif self.cfg.pool == "cls":
             pooled = h[:, 0]
         else:
             weights = mask.to(h.dtype)[..., None]  # (B, T, 1)

@@ -38,6 +38,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg, self.n_labels, self.rdrop, self.channels = cfg, n_labels, rdrop, channels
         self.smoothing = label_smoothing
+        if cfg.pool == "pooler":
+            raise UsageError('model.pool = "pooler" is BERT\'s text pooler; a vit pools by "cls" or "mean"')
         self.prefix = 1 if cfg.pool == "cls" else 0
         rows, cols = patch_grid(*image_size, cfg.patch)
         if cfg.position.kind == "learned" and rows * cols + self.prefix > cfg.context:

@@ -45,7 +45,8 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: GELU or ReLU (Vaswani et al., 2017) or SwiGLU (Shazeer, 2020); or
+    """Position-wise MLP: GELU (exact or tanh-approximated), ReLU (Vaswani et al., 2017), SiLU, or
+    SwiGLU (Shazeer, 2020); or
     EfficientViT's (Cai et al., 2023) with a depthwise convolution between its two layers
     (`dwconv`: up, GELU, depthwise conv over the grid or the sequence, GELU, down; tfx/nn/dwconv.py)."""
 
@@ -79,6 +80,10 @@ class FeedForward(nn.Module):
             h = F.silu(gate) * value
         elif self.kind == "relu":
             h = F.relu(h)
+        elif self.kind == "silu":
+            h = F.silu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "dwconv":
             h = F.gelu(self.mix(F.gelu(h), spec))
         else:

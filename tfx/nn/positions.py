@@ -13,6 +13,7 @@ Positions are absolute token indices, so a KV cache or a memory needs no special
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -77,12 +78,17 @@ class NoPositions(PositionScheme):
 class SinusoidalConfig(KindConfig):
     kind: str = "sinusoidal"
     base: float = 10000.0
+    # interleaved: sin on even features, cos on odd (the paper); halves: all sines, then all cosines (Marian)
+    layout: Literal["interleaved", "halves"] = "interleaved"
 
 
-def sinusoid_table(pos: Tensor, dim: int, base: float) -> Tensor:
-    """(T, dim) table: sin on even features, cos on odd, frequencies base^(-2i/dim)."""
+def sinusoid_table(pos: Tensor, dim: int, base: float, layout: str = "interleaved") -> Tensor:
+    """(T, dim) table: sin on even features, cos on odd, frequencies base^(-2i/dim); `halves`: the
+    sines in the first dim/2 features and the cosines after them."""
     inv = torch.exp(torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) * (-math.log(base) / dim))
     angles = pos.float()[:, None] * inv[None, :]  # (T, dim/2)
+    if layout == "halves":
+        return torch.cat([torch.sin(angles[:, : dim // 2]), torch.cos(angles[:, : dim - dim // 2])], dim=-1)
     table = torch.zeros(pos.shape[0], dim, device=pos.device)
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles[:, : dim // 2])
@@ -98,7 +104,8 @@ class Sinusoidal(PositionScheme):
     """
 
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
-        return x * math.sqrt(self.d_model) + sinusoid_table(pos, self.d_model, self.cfg.base).to(x.dtype)
+        table = sinusoid_table(pos, self.d_model, self.cfg.base, self.cfg.layout)
+        return x * math.sqrt(self.d_model) + table.to(x.dtype)
 
 
 class LearnedConfig(KindConfig):

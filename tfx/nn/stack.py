@@ -71,6 +71,8 @@ class TransformerStack(nn.Module):
                                   max_len=cfg.context + self.recurrence.extra_positions, causal=causal,
                                   n_layers=n_layers, **({"grid": grid} if grid is not None else {}))
         self.drop = Dropout(cfg.dropout)
+        self.embed_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias) \
+            if getattr(cfg, "embed_norm", False) else None  # BERT's norm over the embeddings
         self.word_drop = WordDropout(word_dropout, keep_ids)  # no parameters: the state_dict is unchanged
         d_ff = cfg.d_ff or default_d_ff(cfg.d_model, cfg.ffn)
         heads = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=d_head, bias=cfg.bias,
@@ -232,7 +234,8 @@ class TransformerStack(nn.Module):
         x = self.word_drop(self.embed(tokens), tokens) if embeds is None else embeds  # (B, T, d_model)
         if wrap is not None:
             x = torch.cat([wrap[0], x, wrap[1]], 1)  # (B, m + T + m, d_model)
-        x = self.drop(self.pos.embed(x, q_pos))
+        x = self.pos.embed(x, q_pos)
+        x = self.drop(self.embed_norm(x) if self.embed_norm is not None else x)
         caches = state.layers if state is not None and state.layers else [None] * len(self.passes())
         cross_kvs, cross_spec = self.cross_inputs(q_pos, state, source, source_mask)
         return x, dict(pos=self.pos, spec=spec, q_pos=q_pos, cross_spec=cross_spec), caches, cross_kvs
