@@ -1,7 +1,7 @@
 """The `tfx` command line: the Typer app, its command groups, and the exit codes.
 
 Commands are thin: they parse arguments and call tfx.run; each group lives in its own module
-(data, tokenize, recipe, train, evaluate, generate, calibrate, plot, compare, bench, knn), sharing only tfx.cli.common and
+(data, tokenize, recipe, train, evaluate, generate, calibrate, plot, compare, convert, bench, knn), sharing only tfx.cli.common and
 tfx.cli.options. stdout carries data only (generations, ids, JSON); messages, progress and
 warnings go to stderr. Exit codes: 0 success, 1 runtime failure, 2 bad usage or recipe.
 """
@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from tfx.cli import bench, calibrate, compare, data, evaluate, generate, knn, plot, recipe, tokenize, train
+from tfx.cli import bench, calibrate, compare, convert, data, evaluate, generate, knn, plot, recipe, tokenize, train
 from tfx.cli.common import err
 from tfx.errors import TfxError
 
@@ -55,6 +55,7 @@ app.command()(train.average)
 app.command("calibrate-exit")(calibrate.calibrate_exit)
 app.command()(plot.plot)
 app.command()(compare.compare)
+app.command()(convert.convert)
 app.add_typer(data.data_app, name="data")
 app.add_typer(tokenize.tok_app, name="tokenize")
 app.add_typer(recipe.recipe_app, name="recipe")

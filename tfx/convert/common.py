@@ -1,0 +1,52 @@
+"""What the architecture modules share: reading an HF config's settings with refusals, and the
+recipe checks that decide whether a run is exactly one architecture."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tfx.errors import UsageError
+
+# setting of [model] -> the value every Hugging Face architecture here needs (one plain stack)
+PLAIN = {"block": "standard", "reversible": False, "attention_layers": None}
+
+
+def need(config: dict, key: str, default: Any = None, *, arch: str) -> Any:
+    """config[key], or `default` where absent; a required key (default None) that is absent is refused."""
+    value = config.get(key, default)
+    if value is None:
+        raise UsageError(f"{arch} config.json: no {key}")
+    return value
+
+
+def refuse_unless(ok: bool, arch: str, what: str) -> None:
+    """Refuse an HF setting tfx cannot express, with the reason."""
+    if not ok:
+        raise UsageError(f"{arch} config.json: {what}: tfx cannot express this exactly")
+
+
+def plain_problems(m, **want: Any) -> list[str]:
+    """Why the recipe's [model] `m` is not a plain stack with the settings `want` (name -> value)."""
+    problems = [f"model.{k} is {getattr(m, k)!r}, not {v!r}" for k, v in {**PLAIN, **want}.items()
+                if getattr(m, k) != v]
+    for table, plain in (("attention", "dense"), ("memory", "none"), ("exit", "none"), ("depth", "layers")):
+        kind = getattr(m, table).kind
+        if kind != plain:
+            problems.append(f"model.{table}.kind is {kind!r}, not {plain!r}")
+    if m.patches.size:
+        problems.append("model.patches (MEGABYTE)")
+    return problems
+
+
+def token_ids(tokenizer) -> dict:
+    """The special ids an HF config names: the run's tokenizer's."""
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+
+
+def take(tensors: dict[str, torch.Tensor], used: set[str], name: str) -> torch.Tensor:
+    """tensors[name], marked as used; a missing one is refused."""
+    if name not in tensors:
+        raise UsageError(f"the weights have no {name}")
+    used.add(name)
+    return tensors[name]
