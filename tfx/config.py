@@ -157,6 +157,7 @@ class TrainConfig(Strict):
     # validate (and keep as best.safetensors) an exponential moving average of the weights with this decay
     # (0: off; e.g. 0.999); model.safetensors keeps the trained weights (tfx/train/ema.py)
     ema: float = Field(0.0, ge=0.0, lt=1.0)
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars in RUN/tensorboard/ (needs tensorboard)
     freeze: list[str] = Field(default_factory=list)  # parameters kept fixed: names, prefixes, "embeddings", "blocks:N"
     keep_checkpoints: int = Field(1, gt=0)  # newest checkpoints kept in state/ (for `tfx average`)
     threads: int | None = Field(None, gt=0)

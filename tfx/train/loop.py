@@ -24,6 +24,7 @@ from tfx.errors import RunError
 from tfx.nn.attention.base import aux_losses
 from tfx.registry import OPTIMIZER, SCHEDULE
 from tfx.rundir.files import BEST, METRICS
+from tfx.train.tensorboard import open_writer, write_scalars
 from tfx.train import checkpoint as ckpt
 from tfx.train import distributed as dist
 from tfx.train import early_stop
@@ -133,6 +134,7 @@ class Trainer:
         self.step, self.position, self.best, self.last_saved = 0, DataPosition(), math.inf, 0
         self.states: list = [None] * cfg.grad_accum  # per micro-batch: a segment memory between steps, else None
         self.metrics_file = None
+        self.board = None  # a TensorBoard SummaryWriter (train.tensorboard), rank 0
         self.tokens_seen, self.train_seconds = 0, 0.0  # logged as seen_tokens, train_time; in checkpoints
         self.early = early_stop.EarlyStop(cfg.patience)  # validations without a better best_metric (train.patience)
         self.ema = WeightAverage(model, cfg.ema) if cfg.ema else None  # validated in place of the weights
@@ -203,6 +205,8 @@ class Trainer:
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+        if self.board is not None:
+            write_scalars(self.board, record)
 
     def save(self) -> None:
         """A checkpoint of the step (every rank calls it: the RNG states and FSDP's shards are
@@ -338,9 +342,12 @@ def train_loop(*, cfg, model, batches: Callable[[DataPosition], Iterator], valid
         log(f"nothing to do: the run is at step {trainer.step} of {cfg.steps} (raise train.steps with --set)")
         return {}
     if trainer.rank == 0:
+        trainer.board = open_writer(run_dir) if cfg.tensorboard else None
         trainer.metrics_file = open(trainer.metrics_path, "a", encoding="utf-8")
     try:
         return trainer.run(batches)
     finally:
         if trainer.metrics_file:
             trainer.metrics_file.close()
+        if trainer.board is not None:
+            trainer.board.close()
