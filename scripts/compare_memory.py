@@ -12,8 +12,9 @@ keeps context/2 of them plus context/2 compressed slots at rate 2 (the same 128 
 memory) retrieves the top 32 of the last 16 x context keys of its stream; RMT reads and writes 16
 memory tokens per segment of context/2 tokens, backpropagating through the 2 segments of a block.
 base-lanes is the control: the base LM trained on its text in the memories' order (contiguous
-lanes, data.blocks = "lanes") instead of random blocks. Runs already in --out are reused, so a
-second call only prints the tables again.
+lanes, data.blocks = "lanes") instead of random blocks. The memory kinds are one `tfx compare` call
+(a --variant each, equal steps, valid read in order); runs already in --out are reused (its cache),
+so a second call only prints the tables again.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from tfxrun import REPO, metrics, sets, tfx
+from tfxrun import REPO, sets, tfx
 
 
 def variants(context: int) -> dict[str, dict]:
@@ -44,11 +45,6 @@ def evaluate(run: Path, *args: str) -> dict:
     return json.loads(tfx("eval", str(run), "--json", *args))
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
@@ -61,18 +57,13 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     tfx("data", "get", "shakespeare")
-    rows = []
-    for name, extra in variants(args.context).items():
-        run = out / name
-        if not (run / "best.safetensors").exists():
-            print(f"training {name} ({args.steps} steps) ...", file=sys.stderr, flush=True)
-            keys = {"model.context": args.context, "train.steps": args.steps, "train.save_every": 0, **extra}
-            tfx("train", args.recipe, *sets(keys), "--out", str(run))
-        train, _ = metrics(run)
-        speed = median([r["tokens_per_s"] for r in train[1:]] or [train[-1]["tokens_per_s"]])
-        valid = evaluate(run, "--split", "valid")
-        rows.append((name, valid["perplexity"], valid["loss"], speed))
-        print(f"  {name}: valid ppl {valid['perplexity']:.4f}, {speed:,.0f} tok/s", file=sys.stderr, flush=True)
+    named = [f"{name}:" + ",".join(f"{k}={v}" for k, v in extra.items())
+             for name, extra in variants(args.context).items()]
+    common = {"model.context": args.context, "train.save_every": 0}
+    report = json.loads(tfx("compare", args.recipe, *[a for n in named for a in ("--variant", n)], "--steps",
+                            str(args.steps), "--split", "valid", "--out", str(out), "--plot", "", "--json",
+                            *sets(common), progress=True))
+    rows = [(v["name"], v["eval"]["perplexity"], v["eval"]["loss"], v["tokens_per_s"]) for v in report["variants"]]
     base = out / "base"
     knn = None
     if not args.no_knn:

@@ -9,13 +9,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tfx(*args: str, allow_fail: bool = False) -> str:
-    """stdout of `python -m tfx ARGS` run from the repository; exits with its stderr on failure."""
-    proc = subprocess.run([sys.executable, "-m", "tfx", *args], cwd=REPO, capture_output=True, text=True)
+def tfx(*args: str, allow_fail: bool = False, progress: bool = False) -> str:
+    """stdout of `python -m tfx ARGS` run from the repository; exits with its stderr on failure.
+    `progress`: its stderr goes to ours as it comes (long work such as tfx compare)."""
+    proc = subprocess.run([sys.executable, "-m", "tfx", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE)
     if proc.returncode != 0:
         if allow_fail:
             return ""
-        sys.exit(f"tfx {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+        sys.exit(f"tfx {' '.join(args)} failed" + (f":\n{proc.stderr[-2000:]}" if proc.stderr else ""))
     return proc.stdout
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import TINY, run_tfx, sets
 
-from tfx.compare import parse_vary, toml_value, variants
+from tfx.compare import parse_variants, parse_vary, toml_value, variants
 from tfx.errors import UsageError
 
 LM = "recipes/lm/shakespeare-char.toml"
@@ -27,11 +27,24 @@ def test_vary_values_and_names():
             parse_vary([bad])
 
 
+def test_named_variants_carry_their_own_keys():
+    todo = parse_variants(["xl:model.memory.kind=xl,model.memory.mem_len=128", "base:",
+                           "lf:model.attention.kind=longformer,model.attention.global_tokens=[0,1]"])
+    assert [(v.name, v.sets) for v in todo] == [
+        ("xl", ['model.memory.kind="xl"', "model.memory.mem_len=128"]), ("base", []),
+        ("lf", ['model.attention.kind="longformer"', "model.attention.global_tokens=[0,1]"])]
+    for bad, says in [("nocolon", "expected NAME:"), ("a b:x=1", "expected NAME:"), ("v:x", "not KEY=VALUE"),
+                      ("v:=1", "not KEY=VALUE")]:
+        with pytest.raises(UsageError, match=says):
+            parse_variants([bad])
+
+
 def test_cli_compares_resumes_and_reports(tmp_path, small_text):
     out = tmp_path / "cmp"
     base = sets(*TINY, f"data.train={small_text}", "data.corpus=''", "data.holdout=0.1", "train.eval_every=5",
                 "train.save_every=5")
-    args = ["compare", LM, "--vary", "model.position.kind=rope,alibi", "--steps", "10", "--out", str(out), *base]
+    args = ["compare", LM, "--vary", "model.position.kind=rope", "--variant", "alibi:model.position.kind=alibi",
+            "--steps", "10", "--out", str(out), *base]
     proc = run_tfx(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -53,7 +66,9 @@ def test_cli_refusals(tmp_path):
     for bad, says in [(["--vary", "model.position.kind=rope"], "give the budget"),
                       (["--vary", "model.position.kind=rope", "--steps", "5", "--minutes", "1"], "give the budget"),
                       (["--vary", "model.nonsense=1,2", "--steps", "5"], "nonsense"),
-                      (["--vary", "model.position.kind=rope,rope", "--steps", "5"], "the same name")]:
+                      (["--vary", "model.position.kind=rope,rope", "--steps", "5"], "the same name"),
+                      (["--vary", "model.position.kind=rope", "--variant", "rope:", "--steps", "5"], "named alike"),
+                      (["--steps", "5"], "nothing to compare")]:
         proc = run_tfx("compare", LM, *bad, "--out", str(tmp_path / "x"))
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
 

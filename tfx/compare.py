@@ -1,5 +1,6 @@
-"""`tfx compare RECIPE --vary KEY=V1,V2 ... (--steps N | --minutes M)`: train each variant of a
-recipe under the same budget, one after another, evaluate each on the same split, and report.
+"""`tfx compare RECIPE --vary KEY=V1,V2 ... --variant NAME:K=V,... (--steps N | --minutes M)`: train each
+variant of a recipe under the same budget, one after another, evaluate each on the same split, and report.
+--vary gives every combination of its keys' values; --variant one variant with its own set of keys.
 
 Every variant is a `tfx train` of the recipe with its --set keys, in a process of its own (so its
 peak memory is its own: the child's maximum resident set, from wait4), under OUT/<variant>/, then a
@@ -86,6 +87,24 @@ def variants(vary: list[tuple[str, list[str]]]) -> list[Variant]:
     names = [v.name for v in out]
     if len(set(names)) != len(names):
         raise UsageError(f"--vary gives variants with the same name ({', '.join(names)}): make the values differ")
+    return out
+
+
+def parse_variants(items: list[str]) -> list[Variant]:
+    """["xl:model.memory.kind=xl,model.memory.mem_len=128", "base:"] -> named variants, each with its
+    own keys (comma-separated KEY=VALUE, values as in --vary; none: the recipe as it is)."""
+    out = []
+    for item in items:
+        name, sep, body = item.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+            raise UsageError(f"--variant {item!r}: expected NAME:KEY=VALUE,KEY=VALUE,... (NAME of letters, digits, "
+                             f"._+-; e.g. xl:model.memory.kind=xl,model.memory.mem_len=128)")
+        pairs = [p.strip() for p in split_values(body)] if body.strip() else []
+        bad = [p for p in pairs if not p.partition("=")[1] or not p.partition("=")[0].strip()]
+        if bad:
+            raise UsageError(f"--variant {item!r}: {bad[0]!r} is not KEY=VALUE")
+        out.append(Variant(name, [f"{k.strip()}={toml_value(v.strip())}" for k, _, v in (p.partition("=")
+                                                                                           for p in pairs)]))
     return out
 
 
@@ -183,14 +202,21 @@ def summary(run: Path, metrics: dict, peak: float) -> dict:
 
 
 def compare(recipe: str, vary: list[str], *, steps: int | None, minutes: float | None, out: Path, split: str,
-            overrides: list[str], log: Callable) -> list[Variant]:
+            overrides: list[str], log: Callable, named: list[str] = ()) -> list[Variant]:
+    """Train and evaluate the variants of --vary (every combination) and --variant (`named`, each with
+    its own keys), in that order."""
     if (steps is None) == (minutes is None):
         raise UsageError("give the budget: --steps N (equal steps) or --minutes M (equal wall time), one of them")
     if not Path(recipe).is_file():
         raise UsageError(f"{recipe}: no such recipe file")
     from tfx import config as C
 
-    todo = variants(parse_vary(vary))
+    todo = (variants(parse_vary(vary)) if vary else []) + parse_variants(list(named))
+    if not todo:
+        raise UsageError("nothing to compare: give --vary KEY=V1,V2,... and/or --variant NAME:KEY=VALUE,...")
+    names = [v.name for v in todo]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two variants are named alike ({', '.join(names)}): give --variant another NAME")
     for v in todo:  # every variant's recipe is valid before anything trains
         C.load_recipe(recipe, [*overrides, *v.sets], files=False)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,12 @@ from tfx.cli.common import SET, err, out_console
 
 def compare(
     recipe: Path = typer.Argument(..., help="Recipe TOML whose variants to train."),
-    vary: List[str] = typer.Option(..., "--vary", help="KEY=V1,V2,...: one key's values (repeat for more keys; "
-                                   "every combination is a variant). Values are TOML; a bare word is a string."),
+    vary: Optional[List[str]] = typer.Option(None, "--vary", help="KEY=V1,V2,...: one key's values (repeat for more "
+                                             "keys; every combination is a variant). Values are TOML; a bare word is "
+                                             "a string."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", help="NAME:KEY=VALUE,KEY=VALUE,...: one variant "
+                                                "with its own keys (repeat; after --vary's). NAME: alone is the "
+                                                "recipe as it is."),
     steps: Optional[int] = typer.Option(None, min=1, help="Equal steps for every variant (train.steps)."),
     minutes: Optional[float] = typer.Option(None, min=0.05, help="Equal training time for every variant: a probe "
                                             "sizes each one's train.steps (and train.max_minutes caps it)."),
@@ -28,6 +32,8 @@ def compare(
 
     tfx compare recipes/lm/shakespeare-char.toml --vary model.attention.kind=dense,local,linear \\
         --vary model.position.kind=rope,alibi --minutes 5
+    tfx compare recipes/lm/shakespeare-char.toml --variant base: \\
+        --variant xl:model.memory.kind=xl,model.memory.mem_len=128 --steps 2000
 
     Reports, per variant, the split's metric (BLEU, accuracy or perplexity), training tokens/s,
     parameters and the training process's peak memory, and draws the curves (tfx plot).
@@ -39,7 +45,7 @@ def compare(
 
     check_split(split)
     folder = out or Path("runs") / "compare" / str(read_toml(recipe).get("name", recipe.stem))
-    todo = run_compare(str(recipe), vary, steps=steps, minutes=minutes, out=folder, split=split,
+    todo = run_compare(str(recipe), vary or [], named=variant or [], steps=steps, minutes=minutes, out=folder, split=split,
                        overrides=set_ or [], log=err)
     picture = None if plot == "" else Path(plot) if plot else folder / "curves.png"
     if picture is not None:
