@@ -105,6 +105,7 @@ class ModelConfig(Strict):
     # classifier: the [CLS] (first) token, the mean, or BERT's pooler (a tanh layer over [CLS])
     pool: Literal["cls", "mean", "pooler"] = "cls"
     embed_norm: bool = False  # a norm over the embeddings (positions added) before the first block (BERT)
+    head_bias: bool = False  # seq2seq: a bias in the output layer (Marian's final_logits_bias)
     head_transform: bool = False  # mlm: BERT's dense + GELU + norm before the tied output layer, which gets a bias
     patch: int = Field(4, gt=0)                     # vit: patches of patch x patch pixels
     stem: int = Field(0, ge=0)                      # vit: channels of a 3x3 conv + GELU before the patches; 0: none

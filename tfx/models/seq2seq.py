@@ -6,6 +6,7 @@ Training-only regularisers: label smoothing, word dropout on both inputs, R-Drop
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from tfx.models.lm import IGNORE, exit_loss, head_loss, make_exits, output_head
@@ -31,6 +32,8 @@ class Seq2Seq(nn.Module):
                                         cross=True, embed=shared, word_dropout=word_dropout)
         self.head = output_head(cfg.d_model, vocab_size, self.decoder.embed if cfg.tie_embeddings else None)
         self.exits = make_exits(cfg, self.decoder.n_layers)  # CALM (tfx/nn/early_exit.py), or None
+        if getattr(cfg, "head_bias", False):  # Marian's final_logits_bias; made last: others' init is unchanged
+            self.head.bias = nn.Parameter(torch.zeros(vocab_size))
 
     @property
     def context(self) -> int:

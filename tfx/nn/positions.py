@@ -84,11 +84,13 @@ class SinusoidalConfig(KindConfig):
 
 def sinusoid_table(pos: Tensor, dim: int, base: float, layout: str = "interleaved") -> Tensor:
     """(T, dim) table: sin on even features, cos on odd, frequencies base^(-2i/dim); `halves`: the
-    sines in the first dim/2 features and the cosines after them."""
+    sines in the first dim/2 features and the cosines after them (computed in float64)."""
+    if layout == "halves":  # in float64, as Marian's table is computed (then float32)
+        inv = base ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64) / dim)
+        angles = pos.double()[:, None] * inv[None, :]
+        return torch.cat([torch.sin(angles[:, : dim // 2]), torch.cos(angles[:, : dim - dim // 2])], dim=-1).float()
     inv = torch.exp(torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) * (-math.log(base) / dim))
     angles = pos.float()[:, None] * inv[None, :]  # (T, dim/2)
-    if layout == "halves":
-        return torch.cat([torch.sin(angles[:, : dim // 2]), torch.cos(angles[:, : dim - dim // 2])], dim=-1)
     table = torch.zeros(pos.shape[0], dim, device=pos.device)
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles[:, : dim // 2])
