@@ -3,9 +3,10 @@ expresses exactly (one module per architecture in this package, listed in ARCHS)
 
 An architecture module has
     NAME, MODEL_TYPES (config.json model_type values it reads), FAMILIES (tfx families it maps to),
-    to_tfx(config, tensors, family) -> Imported       HF config + tensors -> recipe [model] + tfx tensors
-    export_problems(recipe) -> list[str]               why a run is not of this architecture ([] = it is)
-    from_tfx(recipe, model, tokenizer) -> (config, tensors)
+    to_tfx(config, tensors, family, hf_dir) -> Imported   HF config + tensors -> recipe [model] + tfx tensors
+    export_problems(recipe) -> list[str]                   why a run is not of this architecture ([] = it is)
+    from_tfx(recipe, model, tokenizer, run_dir) -> (config, tensors)
+(hf_dir and run_dir: the folders, for what a module reads beside the weights: BERT's [MASK] token, labels.)
 
 Import checks every tensor both ways (each HF tensor used, each tfx tensor given, the same shapes),
 refuses a setting tfx cannot express with its reason, and writes the run through a temporary folder.
@@ -86,7 +87,7 @@ def import_hf(hf_dir: Path, out: Path, *, family: str | None, tokenizer: str | P
     if family is not None and family not in module.FAMILIES:
         raise UsageError(f"--family {family}: a {module.NAME} model converts to {', '.join(module.FAMILIES)}")
     tensors = read_tensors(hf_dir)
-    imp = module.to_tfx(config, tensors, family)
+    imp = module.to_tfx(config, tensors, family, hf_dir=hf_dir)
     unused = sorted(set(tensors) - imp.used - imp.ignored)
     if unused:
         raise UsageError(f"{hf_dir}: {len(unused)} tensors tfx has no place for (first: {unused[0]}): "
@@ -174,7 +175,7 @@ def export_run(run: Path, out: Path, *, arch: str | None, checkpoint: str, log: 
         if problems:
             reasons[name] = "; ".join(problems)
             continue
-        config, tensors = module.from_tfx(recipe, model, tokenizer)
+        config, tensors = module.from_tfx(recipe, model, tokenizer, run_dir=run)
         write_hf_dir(out, config, tensors, tokenizer)
         tok = "" if hasattr(tokenizer, "save_hf") else f" (weights only: a {tokenizer.kind} tokenizer has no " \
                                                        f"Hugging Face form here)"

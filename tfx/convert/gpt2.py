@@ -21,7 +21,7 @@ BLOCK = [("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.out
          ("norm2", "ln_2", False), ("ffn.up", "mlp.c_fc", True), ("ffn.down", "mlp.c_proj", True)]
 
 
-def to_tfx(config: dict, tensors: dict, family: str | None) -> Imported:
+def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Imported:
     c = dict(config)
     act = c.get("activation_function", "gelu_new")
     refuse_unless(act in ACTIVATIONS, NAME, f"activation_function {act!r}")
@@ -69,7 +69,7 @@ def export_problems(recipe) -> list[str]:
     return problems
 
 
-def from_tfx(recipe, model, tokenizer) -> tuple[dict, dict]:
+def from_tfx(recipe, model, tokenizer, run_dir=None) -> tuple[dict, dict]:
     m, stack = recipe.model, model.stack
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     tensors = {"transformer.wte.weight": sd["stack.embed.weight"], "transformer.wpe.weight": sd["stack.pos.table.weight"],

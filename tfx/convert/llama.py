@@ -24,7 +24,7 @@ def rope_theta(c: dict) -> float:
     return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
-def to_tfx(config: dict, tensors: dict, family: str | None) -> Imported:
+def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Imported:
     c = config
     refuse_unless(c.get("hidden_act", "silu") == "silu", NAME, f"hidden_act {c.get('hidden_act')!r}")
     biases = {bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False))}
@@ -80,7 +80,7 @@ def export_problems(recipe) -> list[str]:
     return problems
 
 
-def from_tfx(recipe, model, tokenizer) -> tuple[dict, dict]:
+def from_tfx(recipe, model, tokenizer, run_dir=None) -> tuple[dict, dict]:
     m, stack = recipe.model, model.stack
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     H, Hkv, D, F = m.n_heads, stack.n_kv_heads, stack.d_head, stack.blocks[0].ffn.down.in_features

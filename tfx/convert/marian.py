@@ -43,7 +43,7 @@ def sinusoid(n: int, d: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-def to_tfx(config: dict, tensors: dict, family: str | None) -> Imported:
+def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Imported:
     c = dict(config)
     act = c.get("activation_function", "gelu")
     refuse_unless(act in ACTIVATIONS, NAME, f"activation_function {act!r}")
@@ -149,7 +149,7 @@ def export_problems(recipe) -> list[str]:
     return problems
 
 
-def from_tfx(recipe, model, tokenizer) -> tuple[dict, dict]:
+def from_tfx(recipe, model, tokenizer, run_dir=None) -> tuple[dict, dict]:
     m, d = recipe.model, recipe.model.d_model
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     vocab = sd["encoder.embed.weight"].shape[0]

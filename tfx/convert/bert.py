@@ -1,0 +1,254 @@
+"""BERT (Devlin et al., 2019; HF BertForMaskedLM, BertForSequenceClassification) <-> a tfx mlm or
+classifier: post-norm layers with biases, a norm over the embeddings, learned positions, exact GELU
+(or its tanh form in a classifier), BERT's masked-LM head (dense + GELU + norm, the tied output layer
+with a bias: model.head_transform) or its pooler (tanh over [CLS]: model.pool = "pooler").
+
+HF keeps q, k and v as three nn.Linear; tfx's qkv is one whose rows are [q; k; v], heads contiguous.
+tfx has no token types: they are all 0 there, so token_type_embeddings[0] is folded into the position
+table on import and exported as a zero table (type_vocab_size 2). The tfx encoder families have one
+id past the tokenizer's, [MASK] = vocab_size: import appends a copy of BERT's own [MASK] row (the mask
+token named by the tokenizer files, when `hf_dir` is given, or config.json's mask_token_id; else a
+zero row) to the embeddings and the output bias, and export drops it. transformers 5.x saves neither
+the tied decoder matrix nor its bias; older saves that hold them are accepted where they are the
+embeddings and cls.predictions.bias.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tfx.convert import Imported
+from tfx.convert.common import need, plain_problems, refuse_unless, take
+from tfx.errors import UsageError
+
+NAME = "bert"
+MODEL_TYPES = ("bert",)
+FAMILIES = ("mlm", "classifier")
+ARCHITECTURES = {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classifier"}
+EXPORT_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
+# HF hidden_act -> tfx ffn; the masked-LM head's transform is exact GELU in tfx, so an mlm takes "gelu" only
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+EXPORT_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # F.gelu(approximate="tanh"), as tfx's
+TYPE_VOCAB = 2  # token_type_embeddings rows written on export (BERT's)
+# (tfx name in a block, HF name in a layer) of the plain Linear and LayerNorm pairs; qkv is fused
+BLOCK = [("attn.out", "attention.output.dense"), ("norm1", "attention.output.LayerNorm"),
+         ("ffn.up", "intermediate.dense"), ("ffn.down", "output.dense"), ("norm2", "output.LayerNorm")]
+QKV = ("query", "key", "value")
+MLM_HEAD = [("transform.dense", "cls.predictions.transform.dense"),
+            ("transform.norm", "cls.predictions.transform.LayerNorm")]
+BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # older saves hold them
+UNUSED_BY_MLM = ("bert.pooler.", "cls.seq_relationship.")
+
+
+def choose_family(c: dict, family: str | None) -> str:
+    """--family, else the one the config's architectures name."""
+    if family is not None:
+        return family
+    named = [ARCHITECTURES[a] for a in c.get("architectures") or [] if a in ARCHITECTURES]
+    if not named:
+        raise UsageError(f"{NAME} config.json: architectures {c.get('architectures')!r} name no head tfx reads "
+                         f"({', '.join(ARCHITECTURES)}): give --family mlm or --family classifier")
+    return named[0]
+
+
+def mask_token_id(config: dict, hf_dir: str | Path | None) -> int | None:
+    """BERT's [MASK] id: the mask_token of the directory's tokenizer_config.json or
+    special_tokens_map.json, looked up in its tokenizer.json; else config.json's mask_token_id."""
+    if hf_dir is not None:
+        d = Path(hf_dir)
+        names = []
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            try:
+                data = json.loads((d / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            token = data.get("mask_token") if isinstance(data, dict) else None
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and token:
+                names.append(token)
+        if names and (d / "tokenizer.json").is_file():
+            try:
+                import tokenizers
+
+                lookup = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")).token_to_id
+            except Exception:  # no package, or a malformed file: config.json's id, if any
+                lookup = None
+            for token in names if lookup is not None else ():
+                if (i := lookup(token)) is not None:
+                    return i
+    i = config.get("mask_token_id")
+    return i if type(i) is int and i >= 0 else None
+
+
+def with_mask_row(t: torch.Tensor, mask_id: int | None) -> torch.Tensor:
+    """`t` (V, ...) with one more row: a copy of row `mask_id`, or zeros."""
+    extra = t[mask_id] if mask_id is not None else torch.zeros_like(t[0])
+    return torch.cat([t, extra[None]], dim=0)
+
+
+def hf_labels(c: dict, n: int) -> list[str]:
+    """The classifier's label names in id order: config id2label, else LABEL_i."""
+    id2label = c.get("id2label")
+    if not id2label:
+        return [f"LABEL_{i}" for i in range(n)]
+    try:
+        ids = {int(k): v for k, v in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        ids = {}
+    refuse_unless(sorted(ids) == list(range(n)) and all(isinstance(v, str) for v in ids.values()), NAME,
+                  f"id2label {id2label!r} is not one name for each of the {n} ids of the classifier")
+    labels = [ids[i] for i in range(n)]
+    refuse_unless(len(set(labels)) == n, NAME, f"id2label repeats a name: {labels}")
+    return labels
+
+
+def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir: str | Path | None = None) -> Imported:
+    c = dict(config)
+    family = choose_family(c, family)
+    act = c.get("hidden_act", "gelu")
+    refuse_unless(isinstance(act, str) and act in ACTIVATIONS, NAME, f"hidden_act {act!r}")
+    refuse_unless(family != "mlm" or ACTIVATIONS[act] == "gelu", NAME,
+                  f"hidden_act {act!r} in the masked-LM head (tfx's head transform is exact GELU)")
+    kind = c.get("position_embedding_type", "absolute")
+    refuse_unless(kind == "absolute", NAME, f"position_embedding_type {kind!r} (tfx's BERT has absolute positions)")
+    refuse_unless(not c.get("is_decoder", False), NAME, "is_decoder (a causal BERT)")
+    refuse_unless(not c.get("add_cross_attention", False), NAME, "add_cross_attention")
+    refuse_unless(c.get("tie_word_embeddings", True), NAME, "tie_word_embeddings = false (an untied output layer)")
+    d, n_layers = need(c, "hidden_size", arch=NAME), need(c, "num_hidden_layers", arch=NAME)
+    prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    used: set[str] = set()
+
+    def get(name: str) -> torch.Tensor:
+        return take(tensors, used, prefix + name)
+
+    def pair(ours: str, theirs: str, base: bool = True) -> dict:
+        """{ours.weight, ours.bias} from theirs.weight and theirs.bias (in the base model, or a head)."""
+        name = (prefix if base else "") + theirs
+        return {f"{ours}.{p}": take(tensors, used, f"{name}.{p}") for p in ("weight", "bias")}
+
+    heads = {"mlm": "cls.predictions.bias", "classifier": "classifier.weight"}
+    refuse_unless(heads[family] in tensors, NAME,
+                  f"--family {family} with no {heads[family]} in the weights (a model without the "
+                  f"{EXPORT_ARCHITECTURE[family]} head)")
+    mask_id = mask_token_id(c, hf_dir)
+    word = get("embeddings.word_embeddings.weight")
+    vocab = word.shape[0]
+    if mask_id is not None and mask_id >= vocab:
+        mask_id = None
+    types = get("embeddings.token_type_embeddings.weight")
+    state = {"encoder.embed.weight": with_mask_row(word, mask_id),
+             "encoder.pos.table.weight": get("embeddings.position_embeddings.weight") + types[0],  # type ids all 0
+             **pair("encoder.embed_norm", "embeddings.LayerNorm")}
+    for i in range(n_layers):
+        layer = f"encoder.layer.{i}"
+        for p in ("weight", "bias"):
+            state[f"encoder.blocks.{i}.attn.qkv.{p}"] = torch.cat(
+                [get(f"{layer}.attention.self.{x}.{p}") for x in QKV], dim=0)
+        for ours, theirs in BLOCK:
+            state.update(pair(f"encoder.blocks.{i}.{ours}", f"{layer}.{theirs}"))
+    model = {"d_model": d, "n_layers": n_layers, "n_heads": need(c, "num_attention_heads", arch=NAME),
+             "d_ff": need(c, "intermediate_size", arch=NAME), "context": need(c, "max_position_embeddings", arch=NAME),
+             "norm": "layernorm", "norm_eps": c.get("layer_norm_eps", 1e-12), "norm_position": "post",
+             "embed_norm": True, "ffn": ACTIVATIONS[act], "bias": True,
+             "dropout": c.get("hidden_dropout_prob", 0.1), "attn_dropout": c.get("attention_probs_dropout_prob", 0.1),
+             "position": {"kind": "learned"}, "attention": {"kind": "dense"}}
+    labels = None
+    if family == "mlm":
+        for ours, theirs in MLM_HEAD:
+            state.update(pair(ours, theirs, base=False))
+        bias = take(tensors, used, "cls.predictions.bias")
+        for name, ref in (("cls.predictions.decoder.weight", word), ("cls.predictions.decoder.bias", bias)):
+            if name in tensors:  # an older save of the tied matrix and bias
+                refuse_unless(torch.equal(take(tensors, used, name), ref), NAME,
+                              f"tie_word_embeddings with a {name} unlike the one it is tied to")
+        state["head.weight"] = state["encoder.embed.weight"]
+        state["head.bias"] = with_mask_row(bias, mask_id)
+        model.update(head_transform=True, tie_embeddings=True)
+    else:
+        problem = c.get("problem_type")
+        refuse_unless(problem in (None, "single_label_classification"), NAME, f"problem_type {problem!r}")
+        state.update(pair("pooler", "pooler.dense"))
+        state.update(pair("head", "classifier", base=False))
+        n = state["head.weight"].shape[0]
+        refuse_unless(n > 1, NAME, "one label (num_labels 1 is a regression head)")
+        labels = hf_labels(c, n)
+        model.update(pool="pooler")
+    ignored = {k for k in tensors if k.endswith(BUFFERS)}
+    if family == "mlm":  # a pretraining checkpoint's pooler and next-sentence head: a masked LM has no use
+        ignored |= {k for k in tensors if k.startswith(UNUSED_BY_MLM)}  # for them (transformers drops them too)
+    return Imported(family=family, model=model, state=state, used=used, vocab_size=vocab, ignored=ignored,
+                    labels=labels)
+
+
+def export_problems(recipe) -> list[str]:
+    m = recipe.model
+    problems = [] if recipe.family in FAMILIES else [f"family {recipe.family!r}, not mlm or classifier"]
+    problems += plain_problems(m, norm="layernorm", norm_position="post", bias=True, embed_norm=True)
+    if m.position.kind != "learned":
+        problems.append(f"model.position.kind is {m.position.kind!r}, not 'learned'")
+    if m.ffn not in EXPORT_ACTIVATION:
+        problems.append(f"model.ffn is {m.ffn!r} (BERT's is gelu or gelu_tanh)")
+    if (m.n_kv_heads or m.n_heads) != m.n_heads or (m.d_head or m.d_model // m.n_heads) * m.n_heads != m.d_model:
+        problems.append("grouped key/value heads or d_head x n_heads != d_model")
+    if recipe.family == "mlm":
+        if not m.head_transform:
+            problems.append("model.head_transform is false (BERT's masked-LM head has the transform)")
+        if not m.tie_embeddings:
+            problems.append("model.tie_embeddings is false")
+        if m.ffn != "gelu":
+            problems.append(f"model.ffn is {m.ffn!r} with head_transform (its GELU is exact: BERT's "
+                            f"hidden_act is one for both)")
+    if recipe.family == "classifier" and m.pool != "pooler":
+        problems.append(f"model.pool is {m.pool!r}, not 'pooler' (BERT's tanh layer over [CLS])")
+    return problems
+
+
+def export_labels(model, run_dir: str | Path | None) -> list[str]:
+    """The classifier's label names in id order: the run's labels.json, else LABEL_i."""
+    if run_dir is not None and (Path(run_dir) / "labels.json").is_file():
+        from tfx.tasks.classifier import read_labels
+
+        return read_labels(run_dir)
+    return [f"LABEL_{i}" for i in range(model.n_labels)]
+
+
+def from_tfx(recipe, model, tokenizer, run_dir: str | Path | None = None) -> tuple[dict, dict]:
+    m = recipe.model
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    d = m.d_model
+    embed = sd["encoder.embed.weight"][:-1]  # without tfx's [MASK] row
+    p = "bert."
+    tensors = {p + "embeddings.word_embeddings.weight": embed,
+               p + "embeddings.position_embeddings.weight": sd["encoder.pos.table.weight"],
+               p + "embeddings.token_type_embeddings.weight": torch.zeros(TYPE_VOCAB, d, dtype=embed.dtype),
+               p + "embeddings.LayerNorm.weight": sd["encoder.embed_norm.weight"],
+               p + "embeddings.LayerNorm.bias": sd["encoder.embed_norm.bias"]}
+    for i in range(m.n_layers):
+        layer = f"{p}encoder.layer.{i}"
+        for part in ("weight", "bias"):
+            for x, t in zip(QKV, sd[f"encoder.blocks.{i}.attn.qkv.{part}"].chunk(3, dim=0)):
+                tensors[f"{layer}.attention.self.{x}.{part}"] = t
+            for ours, theirs in BLOCK:
+                tensors[f"{layer}.{theirs}.{part}"] = sd[f"encoder.blocks.{i}.{ours}.{part}"]
+    heads = MLM_HEAD if recipe.family == "mlm" else [("pooler", p + "pooler.dense"), ("head", "classifier")]
+    for ours, theirs in heads:
+        for part in ("weight", "bias"):
+            tensors[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
+    config = {"model_type": "bert", "architectures": [EXPORT_ARCHITECTURE[recipe.family]],
+              "vocab_size": embed.shape[0], "hidden_size": d, "num_hidden_layers": m.n_layers,
+              "num_attention_heads": m.n_heads, "intermediate_size": model.encoder.blocks[0].ffn.down.in_features,
+              "hidden_act": EXPORT_ACTIVATION[m.ffn], "max_position_embeddings": m.context,
+              "type_vocab_size": TYPE_VOCAB, "layer_norm_eps": m.norm_eps, "position_embedding_type": "absolute",
+              "hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.attn_dropout,
+              "is_decoder": False, "add_cross_attention": False, "tie_word_embeddings": True,
+              "pad_token_id": tokenizer.pad_id}
+    if recipe.family == "mlm":
+        tensors["cls.predictions.bias"] = sd["head.bias"][:-1]
+    else:
+        labels = export_labels(model, run_dir)
+        config.update(id2label={str(i): name for i, name in enumerate(labels)},
+                      label2id={name: i for i, name in enumerate(labels)},
+                      problem_type="single_label_classification", classifier_dropout=0.0)  # tfx has none there
+    return config, tensors
