@@ -158,6 +158,7 @@ def test_export_round_trip_loads_cleanly(imported, name, cls):
     tok = transformers.AutoTokenizer.from_pretrained(str(root / f"{name}-back"))
     assert tok("the quick fox", add_special_tokens=False).input_ids == \
         load_run(root / f"{name}-run")[1].encode("the quick fox")
+    assert (tok.mask_token, tok.cls_token, tok.sep_token) == ("[MASK]", "[CLS]", "[SEP]")  # kept from the import
     if name == "clf":  # the labels in the run's order: tfx convert hands the module the run's folder
         assert config["id2label"] == {str(k): v for k, v in LABELS.items()}
         assert config["label2id"] == {v: k for k, v in LABELS.items()}

@@ -3,6 +3,7 @@ schemes, and the CLI end to end on a small learnable image set (train, eval, gen
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -221,3 +222,35 @@ def test_an_efficientvit_block_relu_linear_attention_and_dwconv_trains_on_any_gr
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert model.eval()(torch.randn(1, 2, 12, 8, dtype=torch.float64)).shape == (1, 3)
+
+
+def test_test_time_augmentation_views_and_eval(vit_run, image_data):
+    """--tta: the mean of the class probabilities over the image, its mirror (tokenizer.flip) and their
+    one-pixel shifts (tokenizer.shift), each view checked against the transform written out."""
+    from tfx.data.tokenizers import load_tokenizer
+    from tfx.rundir import load_run
+    from tfx.tasks.vit import views
+
+    codec = load_tokenizer(vit_run / "tokenizer")  # shift 1, no flip: the image and 4 shifts
+    x = torch.arange(2 * 1 * 3 * 4, dtype=torch.float32).view(2, 1, 3, 4) + 1
+    got = [v(x) for v in views(codec)]
+    up = torch.zeros_like(x)
+    up[..., 1:, :] = x[..., :-1, :]  # view(dy=-1) reads the row above: the image moves down
+    assert len(got) == 5 and torch.equal(got[0], x) and torch.equal(got[1], up)
+    both = [v(x) for v in views(SimpleNamespace(config=SimpleNamespace(flip=True, shift=1)))]
+    assert len(both) == 10 and torch.equal(both[1], x.flip(-1)) and torch.equal(both[6], got[1].flip(-1))
+    assert len(views(SimpleNamespace(config=SimpleNamespace(flip=True, shift=0)))) == 2
+    assert len(views(SimpleNamespace(config=SimpleNamespace(flip=False, shift=0)))) == 1
+    plain = json.loads(tfx_in_process("eval", str(vit_run), "--split", "test", "--json").stdout)
+    proc = tfx_in_process("eval", str(vit_run), "--split", "test", "--json", "--tta")
+    assert proc.returncode == 0, proc.stderr
+    tta = json.loads(proc.stdout)
+    recipe, codec, model = load_run(vit_run)
+    data = np.load(image_data / "test.npz")
+    names = json.loads((vit_run / "labels.json").read_text())
+    gold = torch.tensor([names.index(c) for c in data["classes"][data["labels"]]])
+    with torch.no_grad():
+        images = codec.tensor(data["images"][..., None])
+        p = sum(model(v(images)).softmax(-1) for v in views(codec)) / 5
+    assert tta["accuracy"] == pytest.approx((p.argmax(-1) == gold).float().mean().item())
+    assert tta["loss"] != plain["loss"]

@@ -36,6 +36,7 @@ def import_kinds() -> None:
     """Import every module that registers a kind, so the registries are complete."""
     import tfx.data.tokenizers  # noqa: F401
     import tfx.data.image_codec  # noqa: F401
+    import tfx.data.tokenizer_hf  # noqa: F401
     import tfx.nn.attention  # noqa: F401
     import tfx.nn.memory  # noqa: F401
     import tfx.nn.positions  # noqa: F401

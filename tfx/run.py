@@ -13,7 +13,7 @@ import torch
 
 from tfx import config as C
 from tfx.errors import RunError, UsageError
-from tfx.families import get_task, need_text_lm
+from tfx.families import family_of, get_task, need_text_lm
 from tfx.rundir import load_run, weights_path  # noqa: F401  (re-exported: tfx.run.load_run)
 from tfx.rundir.files import (BEST, METRICS, RECIPE, SRC_TOKENIZER, STATE, TOKENIZER, WEIGHTS, atomic_write_text,
                               sha256_file)
@@ -89,7 +89,7 @@ def _train(recipe, run_dir: Path, resume: str | None) -> dict:
     read its tokenizer; every rank builds the same global batches and the training step takes its rows of each (tfx.train.distributed.shard)."""
     from tfx.config import recipe_dict, to_toml
     from tfx.data.tokenizers import load_tokenizer
-    from tfx.families import build_model, family_of, init_weights
+    from tfx.families import build_model, init_weights
     from tfx.nn.stack import set_activation_checkpointing
     from tfx.train.loop import autocast_for, select_device, train_loop
 
@@ -144,21 +144,24 @@ def _prepare(task, tokenizer):
 def evaluate(run_dir: str, *, split: str = "test", data: str | None = None, checkpoint: str = "best",
              device: str = "auto", knn: dict | None = None, stride: int | None = None, context: int | None = None,
              batch_size: int = 32, max_tokens: int | None = None, stream: tuple[int, int] | None = None,
-             beam: int | None = None, hyp_out: str | None = None, lm_infinite: int | None = None) -> dict:
+             beam: int | None = None, hyp_out: str | None = None, lm_infinite: int | None = None,
+             tta: bool = False) -> dict:
     """The family's metrics; `knn` (a dict of lambda/k/temperature overrides, maybe empty) adds the
     kNN-LM's metrics beside the LM's (lm runs with a datastore); `lm_infinite` (global tokens) reads a
-    dense run with LM-Infinite; see EvalOptions for the rest."""
+    dense run with LM-Infinite; `tta`: test-time augmentation (image families); see EvalOptions for the rest."""
     from tfx.nn.depth import depth_report, reset_depth_tallies
     from tfx.train.loop import select_device
 
     recipe, tokenizer, model = load_infinite(run_dir, checkpoint, lm_infinite)
     if stream is not None:
         need_text_lm(recipe, "--stream-window")
+    if tta and not family_of(recipe).images:
+        raise UsageError(f"--tta averages over image views: a {recipe.family} run reads text")
     knn_pair = _open_knn(run_dir, recipe, knn, checkpoint) if knn is not None else None
     if knn_pair is not None and stride is None:
         stride = (knn_pair[0].saved_settings() or {}).get("stride")  # the windows it was tuned on
     options = EvalOptions(stride=stride, context=context, batch_size=batch_size, max_tokens=max_tokens,
-                          stream=stream, knn=knn_pair, hyp_out=hyp_out,
+                          stream=stream, knn=knn_pair, hyp_out=hyp_out, tta=tta,
                           generate=C.generate_settings(recipe.generate, {"beam": beam}))  # refused like a recipe value
     dev = select_device(device)
     model.to(dev)

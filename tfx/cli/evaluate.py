@@ -39,6 +39,8 @@ def eval_(
     lm_infinite: bool = LM_INFINITE,
     global_tokens: Optional[int] = GLOBAL_TOKENS,
     max_tokens: Optional[int] = typer.Option(None, help="LM: score only the first N tokens."),
+    tta: bool = typer.Option(False, "--tta", help="vit: test-time augmentation, the mean of the class "
+                             "probabilities over the training augmentations' views (mirror; one-pixel shifts)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """The family's metrics on a split or a file.
@@ -65,7 +67,7 @@ def eval_(
     result = run.evaluate(str(run_dir), split=split, data=str(data) if data else None, stride=stride,
                           context=context, checkpoint=checkpoint, batch_size=batch_size, beam=beam,
                           hyp_out=str(hyp_out) if hyp_out else None, knn=knn_options, max_tokens=max_tokens,
-                          lm_infinite=infinite,
+                          lm_infinite=infinite, tta=tta,
                           **({"stream": (options["sinks"], options["stream_window"])} if options else {}))
     if json_out:
         print(json.dumps(result))

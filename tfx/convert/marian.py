@@ -43,8 +43,8 @@ def sinusoid(n: int, d: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Imported:
-    c = dict(config)
+def refuse_settings(c: dict) -> None:
+    """Refuse the config settings of Marian-family models that tfx's post-norm seq2seq does not express."""
     act = c.get("activation_function", "gelu")
     refuse_unless(act in ACTIVATIONS, NAME, f"activation_function {act!r}")
     # keys of the BART-era MarianConfig that transformers 5.x no longer reads: weights made for a
@@ -61,6 +61,37 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Impo
     refuse_unless(c.get("share_encoder_decoder_embeddings", True), NAME,
                   "share_encoder_decoder_embeddings = false (separate source and target vocabularies; "
                   "an import has one tokenizer)")
+
+
+def stored_extras(tensors: dict, used: set[str], state: dict, *, prefix: str, context: int, d: int,
+                  vocab: int) -> tuple[set[str], bool]:
+    """(tensors to ignore, whether there is a head bias): stored position tables must be Marian's
+    sinusoid (tfx computes it); a nonzero final_logits_bias becomes state["head.bias"]."""
+    ignored: set[str] = set()
+    for side in ("encoder", "decoder"):  # a stored position table must be Marian's sinusoid (tfx computes it)
+        name = f"{prefix}{side}.embed_positions.weight"
+        if name in tensors:
+            table = tensors[name]
+            refuse_unless(tuple(table.shape) == (context, d), NAME,
+                          f"{name} is {tuple(table.shape)}, not (max_position_embeddings, d_model)")
+            gap = (table.double() - sinusoid(context, d)).abs().max().item()
+            refuse_unless(gap <= TABLE_TOL, NAME, f"{name} is not the sinusoid (off by up to {gap:.3g})")
+            ignored.add(name)
+    head_bias = "final_logits_bias" in tensors and bool(tensors["final_logits_bias"].any())
+    if head_bias:  # trained (opus-mt models have one): the output layer's bias (model.head_bias)
+        bias = take(tensors, used, "final_logits_bias")
+        refuse_unless(tuple(bias.shape) == (1, vocab), NAME, f"final_logits_bias is {tuple(bias.shape)}")
+        state["head.bias"] = bias[0]
+    elif "final_logits_bias" in tensors:
+        ignored.add("final_logits_bias")  # zeros: no bias
+
+    return ignored, head_bias
+
+
+def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Imported:
+    c = dict(config)
+    refuse_settings(c)
+    act = c.get("activation_function", "gelu")
     d = need(c, "d_model", arch=NAME)
     refuse_unless(d % 2 == 0, NAME, f"an odd d_model ({d}): Marian's table then has one more sine than tfx's")
     heads = need(c, "encoder_attention_heads", 16, arch=NAME)
@@ -102,23 +133,7 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Impo
                 for p in ("weight", "bias"):
                     state[f"{ours}{t}.{p}"] = torch.cat([get(f"{theirs}{h}.{x}_proj.{p}") for x in parts])
 
-    ignored: set[str] = set()
-    for side in ("encoder", "decoder"):  # a stored position table must be Marian's sinusoid (tfx computes it)
-        name = f"{prefix}{side}.embed_positions.weight"
-        if name in tensors:
-            table = tensors[name]
-            refuse_unless(tuple(table.shape) == (context, d), NAME,
-                          f"{name} is {tuple(table.shape)}, not (max_position_embeddings, d_model)")
-            gap = (table.double() - sinusoid(context, d)).abs().max().item()
-            refuse_unless(gap <= TABLE_TOL, NAME, f"{name} is not the sinusoid (off by up to {gap:.3g})")
-            ignored.add(name)
-    head_bias = "final_logits_bias" in tensors and bool(tensors["final_logits_bias"].any())
-    if head_bias:  # trained (opus-mt models have one): the output layer's bias (model.head_bias)
-        bias = take(tensors, used, "final_logits_bias")
-        refuse_unless(tuple(bias.shape) == (1, vocab), NAME, f"final_logits_bias is {tuple(bias.shape)}")
-        state["head.bias"] = bias[0]
-    elif "final_logits_bias" in tensors:
-        ignored.add("final_logits_bias")  # zeros: no bias
+    ignored, head_bias = stored_extras(tensors, used, state, prefix=prefix, context=context, d=d, vocab=vocab)
 
     model = {"d_model": d, "n_heads": heads, "d_ff": d_ff, "context": context, "n_layers": n_enc,
              "encoder_layers": n_enc, "decoder_layers": n_dec, "norm": "layernorm", "norm_eps": EPS,

@@ -83,7 +83,9 @@ class HFTokenizer(Tokenizer):
     kind = "hf"
 
     def __init__(self, config: HFTokenizerConfig | None = None, *, data: bytes, vocab_size: int | None = None,
-                 pad_id: int, bos_id: int, eos_id: int, unk_id: int):
+                 pad_id: int, bos_id: int, eos_id: int, unk_id: int, extra_tokens: dict[str, str] | None = None):
+        """`extra_tokens`: the model's other named tokens (mask_token, cls_token, sep_token, ...), kept for
+        `save_hf`."""
         tokenizers = _backend()
         super().__init__(config or HFTokenizerConfig())
         try:
@@ -107,6 +109,8 @@ class HFTokenizer(Tokenizer):
                 raise ValueError(f"{role}_id {i!r} is not an id in 0..{vocab_size - 1}")
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id  # type: ignore[misc]
         self.special_tokens = {role: tok.id_to_token(getattr(self, f"{role}_id")) for role in ROLES}
+        self.extra_tokens = {k: v for k, v in (extra_tokens or {}).items()
+                             if isinstance(k, str) and isinstance(v, str) and tok.token_to_id(v) is not None}
 
     @classmethod
     def from_hf_file(cls, path: str | Path, *, vocab_size: int | None = None, pad_id: int | None = None,
@@ -131,7 +135,12 @@ class HFTokenizer(Tokenizer):
         `special_ids_from_hf_dir` finds there; `ids` (pad_id=..., ...) override them."""
         found = cls.special_ids_from_hf_dir(hf_dir)
         found.update({k: v for k, v in ids.items() if v is not None})
-        return cls.from_hf_file(Path(hf_dir) / "tokenizer.json", vocab_size=vocab_size, config=config, **found)
+        tok = cls.from_hf_file(Path(hf_dir) / "tokenizer.json", vocab_size=vocab_size, config=config, **found)
+        d, roles = Path(hf_dir), {f"{role}_token" for role in ROLES}
+        for m in (_read_json(d / "special_tokens_map.json"), _read_json(d / "tokenizer_config.json")):
+            named = {k: _token_string(v) for k, v in m.items() if k.endswith("_token") and k not in roles}
+            tok.extra_tokens.update({k: v for k, v in named.items() if v and tok._tok.token_to_id(v) is not None})
+        return tok
 
     @staticmethod
     def special_ids_from_hf_dir(hf_dir: str | Path, tokenizer_file: str | Path | None = None) -> dict[str, int | None]:
@@ -198,14 +207,14 @@ class HFTokenizer(Tokenizer):
         if (d / HF_FILE).exists():
             raise ValueError(f"{d} is a tfx tokenizer directory; its tokenizer.json is tfx's own")
         d.mkdir(parents=True, exist_ok=True)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast",
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.extra_tokens,
                   **{f"{role}_token": t for role, t in self.special_tokens.items() if t is not None}}
         _write_atomic(d / "tokenizer.json", self._data)
         _write_atomic(d / "tokenizer_config.json", (json.dumps(config, indent=1) + "\n").encode("utf-8"))
 
     def _spec(self) -> dict[str, Any]:
         return {"hf_file": HF_FILE, **{f"{role}_id": getattr(self, f"{role}_id") for role in ROLES},
-                "special_tokens": self.special_tokens}
+                "special_tokens": self.special_tokens, "extra_tokens": self.extra_tokens}
 
     def _write_files(self, directory: Path) -> None:
         _write_atomic(directory / HF_FILE, self._data)
@@ -216,4 +225,5 @@ class HFTokenizer(Tokenizer):
         if not isinstance(name, str) or Path(name).name != name or name == SPEC_FILE:
             raise ValueError(f"bad hf_file {name!r}")
         ids = {f"{role}_id": spec[f"{role}_id"] for role in ROLES}
-        return cls(cfg, data=(directory / name).read_bytes(), vocab_size=spec["vocab_size"], **ids)
+        return cls(cfg, data=(directory / name).read_bytes(), vocab_size=spec["vocab_size"],
+                   extra_tokens=spec.get("extra_tokens") or {}, **ids)

@@ -383,4 +383,3 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return TOKENIZER.get(kind)._load(cfg, spec, d)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UsageError(f"corrupt {kind} tokenizer in {d}: {e}") from None
-from tfx.data import tokenizer_hf  # noqa: E402,F401  (registers the "hf" kind)

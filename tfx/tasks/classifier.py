@@ -130,9 +130,11 @@ class ClassifierTask(Task):
         model.train(was)
         return torch.cat(out) if out else torch.empty(0, model.n_labels)
 
-    def classify_eval(self, model, tokenizer, texts, labels, *, names, device, autocast=None, where="") -> dict:
+    def classify_eval(self, model, tokenizer, texts, labels, *, names, device, autocast=None, where="",
+                      **more) -> dict:
+        """Loss and metrics of `probabilities` (`more`: a task's own options of it, e.g. images' tta)."""
         gold = self.label_ids(labels, names, where)
-        probs = self.probabilities(model, tokenizer, texts, device=device, autocast=autocast)
+        probs = self.probabilities(model, tokenizer, texts, device=device, autocast=autocast, **more)
         nll = -probs[torch.arange(len(gold)), torch.tensor(gold)].clamp_min(1e-12).log().mean()
         return {"loss": float(nll), **classification_metrics(probs.argmax(-1).tolist(), gold, names)}
 

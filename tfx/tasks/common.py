@@ -49,6 +49,7 @@ class EvalOptions:
     knn: Any = None                 # lm: (Datastore, KNNSettings) adds the kNN-LM's metrics
     generate: Any = None            # seq2seq: the recipe's [generate] with --beam applied (a GenerateConfig)
     hyp_out: str | None = None      # seq2seq: write the hypotheses to this file
+    tta: bool = False               # images: average over the training augmentations' views (tfx/tasks/vit.py)
 
 
 @dataclass(frozen=True)

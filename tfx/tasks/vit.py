@@ -38,6 +38,21 @@ def augment(x: torch.Tensor, *, shift: int, flip: bool, generator: torch.Generat
     return x
 
 
+def views(codec) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Test-time augmentation from the codec's own training augmentations: the image, its mirror
+    (codec.flip), and each of those moved by one pixel up, down, left and right (codec.shift > 0; the
+    border filled as `augment` fills it), so 1, 2, 5 or 10 views."""
+    def moved(dy: int, dx: int):
+        def view(x: torch.Tensor) -> torch.Tensor:
+            H, W = x.shape[-2:]
+            return torch.nn.functional.pad(x, (1, 1, 1, 1))[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+        return view
+
+    base = [lambda x: x] + ([lambda x: x.flip(-1)] if codec.config.flip else [])
+    shifts = [moved(dy, dx) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))] if codec.config.shift else []
+    return base + [(lambda s, b: lambda x: s(b(x)))(s, b) for b in base for s in shifts]
+
+
 class ImageTask(ClassifierTask):
     # ------------------------------------------------------------------ data
     def labelled(self, split: str, *, fetch: bool = False) -> tuple[np.ndarray, list[str]] | None:
@@ -134,21 +149,24 @@ class ImageTask(ClassifierTask):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def probabilities(self, model, codec, images: np.ndarray, *, device, autocast=None) -> torch.Tensor:
+    def probabilities(self, model, codec, images: np.ndarray, *, device, autocast=None,
+                      tta: bool = False) -> torch.Tensor:
+        """(N, labels) class probabilities; `tta`: their mean over the views of `views(codec)`."""
         was = model.training
         model.eval()
         out = []
+        transforms = views(codec) if tta else [lambda x: x]
         for i in range(0, len(images), EVAL_BATCH):
             x = codec.tensor(images[i:i + EVAL_BATCH]).to(device)
             with (autocast or contextlib.nullcontext)():
-                out.append(model(x).float().softmax(-1).cpu())
+                out.append(sum(model(t(x)).float().softmax(-1).cpu() for t in transforms) / len(transforms))
         model.train(was)
         return torch.cat(out) if out else torch.empty(0, model.n_labels)
 
     def evaluate(self, model, codec, *, split: str, data: str | None, device, options: EvalOptions) -> dict:
         images, labels = self.split_images(codec, split, data)
         return self.classify_eval(model, codec, images, labels, names=read_labels(self.run_dir), device=device,
-                                  where=data or split)
+                                  where=data or split, tta=options.tta)
 
     def generate(self, model, codec, lines, settings: GenerateSettings):
         """Each line an image path -> `label<TAB>probability` (the top-k pairs with --top-k); a line whose
