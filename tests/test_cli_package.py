@@ -18,7 +18,7 @@ from conftest import REPO, run_tfx, tfx_in_process
 from tfx import config as C
 
 RECIPES = sorted((REPO / "recipes").rglob("*.toml"))
-COMMANDS = ["train", "eval", "generate", "average", "plot", "compare", "data", "tokenize", "recipe", "bench", "knn"]
+COMMANDS = ["train", "eval", "generate", "average", "plot", "compare", "convert", "data", "tokenize", "recipe", "bench", "knn"]
 
 
 def test_version_comes_from_the_package_metadata():

@@ -2,7 +2,7 @@
 expresses exactly (one module per architecture in this package, listed in ARCHS).
 
 An architecture module has
-    NAME, MODEL_TYPES (config.json model_type values it reads), FAMILIES (tfx families it maps to),
+    NAME, MODEL_TYPES (config.json model_type values it reads), FAMILIES ({tfx family: HF architecture}),
     to_tfx(config, tensors, family, hf_dir) -> Imported   HF config + tensors -> recipe [model] + tfx tensors
     export_problems(recipe) -> list[str]                   why a run is not of this architecture ([] = it is)
     from_tfx(recipe, model, tokenizer, run_dir) -> (config, tensors)
@@ -84,7 +84,7 @@ def import_hf(hf_dir: Path, out: Path, *, family: str | None, tokenizer: str | P
 
     config = read_config(hf_dir)
     module = arch_for(config["model_type"])
-    if family is not None and family not in module.FAMILIES:
+    if family and module.FAMILIES.get(family) is None:
         raise UsageError(f"--family {family}: a {module.NAME} model converts to {', '.join(module.FAMILIES)}")
     tensors = read_tensors(hf_dir)
     imp = module.to_tfx(config, tensors, family, hf_dir=hf_dir)
@@ -168,7 +168,7 @@ def export_run(run: Path, out: Path, *, arch: str | None, checkpoint: str, log: 
     reasons = {}
     for name in names:
         module = arch_module(name)
-        if recipe.family not in module.FAMILIES:
+        if module.FAMILIES.get(recipe.family) is None:
             reasons[name] = f"converts {', '.join(module.FAMILIES)} runs, not {recipe.family}"
             continue
         problems = module.export_problems(recipe)

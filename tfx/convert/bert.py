@@ -15,7 +15,9 @@ embeddings and cls.predictions.bias.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,9 +27,8 @@ from tfx.errors import UsageError
 
 NAME = "bert"
 MODEL_TYPES = ("bert",)
-FAMILIES = ("mlm", "classifier")
-ARCHITECTURES = {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classifier"}
-EXPORT_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
+FAMILIES = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification"}  # tfx family -> HF head
+ARCHITECTURES = {arch: family for family, arch in FAMILIES.items()}
 # HF hidden_act -> tfx ffn; the masked-LM head's transform is exact GELU in tfx, so an mlm takes "gelu" only
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 EXPORT_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # F.gelu(approximate="tanh"), as tfx's
@@ -44,9 +45,7 @@ UNUSED_BY_MLM = ("bert.pooler.", "cls.seq_relationship.")
 
 def choose_family(c: dict, family: str | None) -> str:
     """--family, else the one the config's architectures name."""
-    if family is not None:
-        return family
-    named = [ARCHITECTURES[a] for a in c.get("architectures") or [] if a in ARCHITECTURES]
+    named = [family] if family else [ARCHITECTURES[a] for a in c.get("architectures") or [] if a in ARCHITECTURES]
     if not named:
         raise UsageError(f"{NAME} config.json: architectures {c.get('architectures')!r} name no head tfx reads "
                          f"({', '.join(ARCHITECTURES)}): give --family mlm or --family classifier")
@@ -109,8 +108,6 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir: str | Path |
     family = choose_family(c, family)
     act = c.get("hidden_act", "gelu")
     refuse_unless(isinstance(act, str) and act in ACTIVATIONS, NAME, f"hidden_act {act!r}")
-    refuse_unless(family != "mlm" or ACTIVATIONS[act] == "gelu", NAME,
-                  f"hidden_act {act!r} in the masked-LM head (tfx's head transform is exact GELU)")
     kind = c.get("position_embedding_type", "absolute")
     refuse_unless(kind == "absolute", NAME, f"position_embedding_type {kind!r} (tfx's BERT has absolute positions)")
     refuse_unless(not c.get("is_decoder", False), NAME, "is_decoder (a causal BERT)")
@@ -128,10 +125,10 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir: str | Path |
         name = (prefix if base else "") + theirs
         return {f"{ours}.{p}": take(tensors, used, f"{name}.{p}") for p in ("weight", "bias")}
 
-    heads = {"mlm": "cls.predictions.bias", "classifier": "classifier.weight"}
-    refuse_unless(heads[family] in tensors, NAME,
-                  f"--family {family} with no {heads[family]} in the weights (a model without the "
-                  f"{EXPORT_ARCHITECTURE[family]} head)")
+    marker = HEADS[family].marker
+    refuse_unless(marker in tensors, NAME,
+                  f"--family {family} with no {marker} in the weights (a model without the "
+                  f"{FAMILIES[family]} head)")
     mask_id = mask_token_id(c, hf_dir)
     word = get("embeddings.word_embeddings.weight")
     vocab = word.shape[0]
@@ -154,37 +151,47 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir: str | Path |
              "embed_norm": True, "ffn": ACTIVATIONS[act], "bias": True,
              "dropout": c.get("hidden_dropout_prob", 0.1), "attn_dropout": c.get("attention_probs_dropout_prob", 0.1),
              "position": {"kind": "learned"}, "attention": {"kind": "dense"}}
-    labels = None
-    if family == "mlm":
-        for ours, theirs in MLM_HEAD:
-            state.update(pair(ours, theirs, base=False))
-        bias = take(tensors, used, "cls.predictions.bias")
-        for name, ref in (("cls.predictions.decoder.weight", word), ("cls.predictions.decoder.bias", bias)):
-            if name in tensors:  # an older save of the tied matrix and bias
-                refuse_unless(torch.equal(take(tensors, used, name), ref), NAME,
-                              f"tie_word_embeddings with a {name} unlike the one it is tied to")
-        state["head.weight"] = state["encoder.embed.weight"]
-        state["head.bias"] = with_mask_row(bias, mask_id)
-        model.update(head_transform=True, tie_embeddings=True)
-    else:
-        problem = c.get("problem_type")
-        refuse_unless(problem in (None, "single_label_classification"), NAME, f"problem_type {problem!r}")
-        state.update(pair("pooler", "pooler.dense"))
-        state.update(pair("head", "classifier", base=False))
-        n = state["head.weight"].shape[0]
-        refuse_unless(n > 1, NAME, "one label (num_labels 1 is a regression head)")
-        labels = hf_labels(c, n)
-        model.update(pool="pooler")
-    ignored = {k for k in tensors if k.endswith(BUFFERS)}
-    if family == "mlm":  # a pretraining checkpoint's pooler and next-sentence head: a masked LM has no use
-        ignored |= {k for k in tensors if k.startswith(UNUSED_BY_MLM)}  # for them (transformers drops them too)
+    labels, unused = HEADS[family].read(c, tensors, used, state, model, word=word, mask_id=mask_id, act=act)
+    ignored = {k for k in tensors if k.endswith(BUFFERS) or k.startswith(unused)}
     return Imported(family=family, model=model, state=state, used=used, vocab_size=vocab, ignored=ignored,
                     labels=labels)
 
 
+def read_mlm_head(c: dict, tensors: dict, used: set, state: dict, model: dict, *, word, mask_id, act) -> tuple:
+    """BERT's masked-LM head -> the transform and the tied output layer's bias; a pretraining checkpoint's
+    pooler and next-sentence head are left (a masked LM has no use for them; transformers drops them too)."""
+    refuse_unless(ACTIVATIONS[act] == "gelu", NAME,
+                  f"hidden_act {act!r} in the masked-LM head (tfx's head transform is exact GELU)")
+    for ours, theirs in MLM_HEAD:
+        state.update({f"{ours}.{p}": take(tensors, used, f"{theirs}.{p}") for p in ("weight", "bias")})
+    bias = take(tensors, used, "cls.predictions.bias")
+    for name, ref in (("cls.predictions.decoder.weight", word), ("cls.predictions.decoder.bias", bias)):
+        if name in tensors:  # an older save of the tied matrix and bias
+            refuse_unless(torch.equal(take(tensors, used, name), ref), NAME,
+                          f"tie_word_embeddings with a {name} unlike the one it is tied to")
+    state["head.weight"] = state["encoder.embed.weight"]
+    state["head.bias"] = with_mask_row(bias, mask_id)
+    model.update(head_transform=True, tie_embeddings=True)
+    return None, UNUSED_BY_MLM
+
+
+def read_classifier_head(c: dict, tensors: dict, used: set, state: dict, model: dict, **_) -> tuple:
+    """BERT's pooler and classification layer; the labels in id order."""
+    problem = c.get("problem_type")
+    refuse_unless(problem in (None, "single_label_classification"), NAME, f"problem_type {problem!r}")
+    prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    for ours, theirs in (("pooler", prefix + "pooler.dense"), ("head", "classifier")):
+        state.update({f"{ours}.{p}": take(tensors, used, f"{theirs}.{p}") for p in ("weight", "bias")})
+    n = state["head.weight"].shape[0]
+    refuse_unless(n > 1, NAME, "one label (num_labels 1 is a regression head)")
+    model.update(pool="pooler")
+    return hf_labels(c, n), ()
+
+
 def export_problems(recipe) -> list[str]:
     m = recipe.model
-    problems = [] if recipe.family in FAMILIES else [f"family {recipe.family!r}, not mlm or classifier"]
+    head = HEADS.get(recipe.family)
+    problems = [] if head else [f"family {recipe.family!r}, not mlm or classifier"]
     problems += plain_problems(m, norm="layernorm", norm_position="post", bias=True, embed_norm=True)
     if m.position.kind != "learned":
         problems.append(f"model.position.kind is {m.position.kind!r}, not 'learned'")
@@ -192,17 +199,21 @@ def export_problems(recipe) -> list[str]:
         problems.append(f"model.ffn is {m.ffn!r} (BERT's is gelu or gelu_tanh)")
     if (m.n_kv_heads or m.n_heads) != m.n_heads or (m.d_head or m.d_model // m.n_heads) * m.n_heads != m.d_model:
         problems.append("grouped key/value heads or d_head x n_heads != d_model")
-    if recipe.family == "mlm":
-        if not m.head_transform:
-            problems.append("model.head_transform is false (BERT's masked-LM head has the transform)")
-        if not m.tie_embeddings:
-            problems.append("model.tie_embeddings is false")
-        if m.ffn != "gelu":
-            problems.append(f"model.ffn is {m.ffn!r} with head_transform (its GELU is exact: BERT's "
-                            f"hidden_act is one for both)")
-    if recipe.family == "classifier" and m.pool != "pooler":
-        problems.append(f"model.pool is {m.pool!r}, not 'pooler' (BERT's tanh layer over [CLS])")
+    return problems + (head.problems(m) if head else [])
+
+
+def mlm_problems(m) -> list[str]:
+    problems = [] if m.head_transform else ["model.head_transform is false (BERT's masked-LM head has the transform)"]
+    if not m.tie_embeddings:
+        problems.append("model.tie_embeddings is false")
+    if m.ffn != "gelu":
+        problems.append(f"model.ffn is {m.ffn!r} with head_transform (its GELU is exact: BERT's hidden_act is "
+                        f"one for both)")
     return problems
+
+
+def classifier_problems(m) -> list[str]:
+    return [] if m.pool == "pooler" else [f"model.pool is {m.pool!r}, not 'pooler' (BERT's tanh layer over [CLS])"]
 
 
 def export_labels(model, run_dir: str | Path | None) -> list[str]:
@@ -232,11 +243,8 @@ def from_tfx(recipe, model, tokenizer, run_dir: str | Path | None = None) -> tup
                 tensors[f"{layer}.attention.self.{x}.{part}"] = t
             for ours, theirs in BLOCK:
                 tensors[f"{layer}.{theirs}.{part}"] = sd[f"encoder.blocks.{i}.{ours}.{part}"]
-    heads = MLM_HEAD if recipe.family == "mlm" else [("pooler", p + "pooler.dense"), ("head", "classifier")]
-    for ours, theirs in heads:
-        for part in ("weight", "bias"):
-            tensors[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
-    config = {"model_type": "bert", "architectures": [EXPORT_ARCHITECTURE[recipe.family]],
+    head = HEADS[recipe.family]
+    config = {"model_type": "bert", "architectures": [FAMILIES[recipe.family]],
               "vocab_size": embed.shape[0], "hidden_size": d, "num_hidden_layers": m.n_layers,
               "num_attention_heads": m.n_heads, "intermediate_size": model.encoder.blocks[0].ffn.down.in_features,
               "hidden_act": EXPORT_ACTIVATION[m.ffn], "max_position_embeddings": m.context,
@@ -244,11 +252,36 @@ def from_tfx(recipe, model, tokenizer, run_dir: str | Path | None = None) -> tup
               "hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.attn_dropout,
               "is_decoder": False, "add_cross_attention": False, "tie_word_embeddings": True,
               "pad_token_id": tokenizer.pad_id}
-    if recipe.family == "mlm":
-        tensors["cls.predictions.bias"] = sd["head.bias"][:-1]
-    else:
-        labels = export_labels(model, run_dir)
-        config.update(id2label={str(i): name for i, name in enumerate(labels)},
-                      label2id={name: i for i, name in enumerate(labels)},
-                      problem_type="single_label_classification", classifier_dropout=0.0)  # tfx has none there
+    head.write(sd, tensors, config, model, run_dir)
     return config, tensors
+
+
+def write_mlm_head(sd: dict, tensors: dict, config: dict, model, run_dir) -> None:
+    for ours, theirs in MLM_HEAD:
+        for part in ("weight", "bias"):
+            tensors[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
+    tensors["cls.predictions.bias"] = sd["head.bias"][:-1]  # without tfx's [MASK] entry
+
+
+def write_classifier_head(sd: dict, tensors: dict, config: dict, model, run_dir) -> None:
+    for ours, theirs in (("pooler", "bert.pooler.dense"), ("head", "classifier")):
+        for part in ("weight", "bias"):
+            tensors[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
+    labels = export_labels(model, run_dir)
+    config.update(id2label={str(i): name for i, name in enumerate(labels)},
+                  label2id={name: i for i, name in enumerate(labels)},
+                  problem_type="single_label_classification", classifier_dropout=0.0)  # tfx has none there
+
+
+@dataclass(frozen=True)
+class Head:
+    """BERT's head for one tfx family: a tensor only it has, and how it is read, checked and written."""
+
+    marker: str
+    read: Callable
+    problems: Callable
+    write: Callable
+
+
+HEADS = {"mlm": Head("cls.predictions.bias", read_mlm_head, mlm_problems, write_mlm_head),
+         "classifier": Head("classifier.weight", read_classifier_head, classifier_problems, write_classifier_head)}

@@ -12,7 +12,7 @@ from tfx.convert.common import need, plain_problems, refuse_unless, take, token_
 
 NAME = "gpt2"
 MODEL_TYPES = ("gpt2",)
-FAMILIES = ("lm",)
+FAMILIES = {"lm": "GPT2LMHeadModel"}  # tfx family -> HF architecture
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "relu": "relu", "silu": "silu", "swish": "silu"}
 EXPORT_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}

@@ -13,7 +13,7 @@ from tfx.convert.common import need, plain_problems, refuse_unless, take, token_
 
 NAME = "llama"
 MODEL_TYPES = ("llama", "mistral")
-FAMILIES = ("lm",)
+FAMILIES = {"lm": "LlamaForCausalLM"}  # tfx family -> HF architecture
 
 
 def rope_theta(c: dict) -> float:

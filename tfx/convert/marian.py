@@ -19,7 +19,7 @@ from tfx.convert.common import need, plain_problems, refuse_unless, take
 
 NAME = "marian"
 MODEL_TYPES = ("marian",)
-FAMILIES = ("seq2seq",)
+FAMILIES = {"seq2seq": "MarianMTModel"}  # tfx family -> HF architecture
 ACTIVATIONS = {"swish": "silu", "silu": "silu", "relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 EXPORT_ACTIVATION = {"silu": "swish", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
