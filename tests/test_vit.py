@@ -254,3 +254,15 @@ def test_test_time_augmentation_views_and_eval(vit_run, image_data):
         p = sum(model(v(images)).softmax(-1) for v in views(codec)) / 5
     assert tta["accuracy"] == pytest.approx((p.argmax(-1) == gold).float().mean().item())
     assert tta["loss"] != plain["loss"]
+
+
+def test_tta_is_refused_for_a_text_run(tmp_path, small_text):
+    from conftest import TINY
+
+    run = tmp_path / "lm"
+    proc = tfx_in_process("train", "recipes/lm/shakespeare-char.toml", "--out", str(run),
+                          *sets(*TINY, f"data.train={small_text}", "data.corpus=''", "data.holdout=0.1",
+                                "train.steps=1", "train.eval_every=0"))
+    assert proc.returncode == 0, proc.stderr
+    r = tfx_in_process("eval", str(run), "--split", "valid", "--tta")
+    assert r.returncode == 2 and "--tta averages over image views" in r.stderr and "Traceback" not in r.stderr
