@@ -192,13 +192,10 @@ def export_problems(recipe) -> list[str]:
     m = recipe.model
     head = HEADS.get(recipe.family)
     problems = [] if head else [f"family {recipe.family!r}, not mlm or classifier"]
-    problems += plain_problems(m, norm="layernorm", norm_position="post", bias=True, embed_norm=True)
-    if m.position.kind != "learned":
-        problems.append(f"model.position.kind is {m.position.kind!r}, not 'learned'")
+    problems += plain_problems(m, position="learned", full_heads=True, norm="layernorm", norm_position="post",
+                               bias=True, embed_norm=True)
     if m.ffn not in EXPORT_ACTIVATION:
         problems.append(f"model.ffn is {m.ffn!r} (BERT's is gelu or gelu_tanh)")
-    if (m.n_kv_heads or m.n_heads) != m.n_heads or (m.d_head or m.d_model // m.n_heads) * m.n_heads != m.d_model:
-        problems.append("grouped key/value heads or d_head x n_heads != d_model")
     return problems + (head.problems(m) if head else [])
 
 

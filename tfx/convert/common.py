@@ -26,11 +26,16 @@ def refuse_unless(ok: bool, arch: str, what: str) -> None:
         raise UsageError(f"{arch} config.json: {what}: tfx cannot express this exactly")
 
 
-def plain_problems(m, **want: Any) -> list[str]:
-    """Why the recipe's [model] `m` is not a plain stack with the settings `want` (name -> value)."""
+def plain_problems(m, *, position: str, full_heads: bool = False, **want: Any) -> list[str]:
+    """Why the recipe's [model] `m` is not a plain stack with this position kind and the settings `want`
+    (name -> value); `full_heads`: also n_heads x d_head = d_model with no grouped key/value heads."""
     problems = [f"model.{k} is {getattr(m, k)!r}, not {v!r}" for k, v in {**PLAIN, **want}.items()
                 if getattr(m, k) != v]
-    for table, plain in (("attention", "dense"), ("memory", "none"), ("exit", "none"), ("depth", "layers")):
+    if full_heads and ((m.n_kv_heads or m.n_heads) != m.n_heads or
+                       (m.d_head or m.d_model // m.n_heads) * m.n_heads != m.d_model):
+        problems.append("grouped key/value heads or d_head x n_heads != d_model")
+    for table, plain in (("position", position), ("attention", "dense"), ("memory", "none"), ("exit", "none"),
+                         ("depth", "layers")):
         kind = getattr(m, table).kind
         if kind != plain:
             problems.append(f"model.{table}.kind is {kind!r}, not {plain!r}")

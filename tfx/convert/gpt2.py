@@ -59,13 +59,10 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Impo
 
 def export_problems(recipe) -> list[str]:
     m = recipe.model
-    problems = plain_problems(m, norm="layernorm", norm_position="pre", bias=True, embed_norm=False)
-    if m.position.kind != "learned":
-        problems.append(f"model.position.kind is {m.position.kind!r}, not 'learned'")
+    problems = plain_problems(m, position="learned", full_heads=True, norm="layernorm", norm_position="pre",
+                              bias=True, embed_norm=False)
     if m.ffn not in EXPORT_ACTIVATION:
         problems.append(f"model.ffn is {m.ffn!r} (GPT-2's MLP has one activation: {', '.join(EXPORT_ACTIVATION)})")
-    if (m.n_kv_heads or m.n_heads) != m.n_heads or (m.d_head or m.d_model // m.n_heads) * m.n_heads != m.d_model:
-        problems.append("grouped key/value heads or d_head x n_heads != d_model")
     return problems
 
 

@@ -73,11 +73,8 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Impo
 
 
 def export_problems(recipe) -> list[str]:
-    m = recipe.model
-    problems = plain_problems(m, norm="rmsnorm", norm_position="pre", embed_norm=False, ffn="swiglu")
-    if m.position.kind != "rope":
-        problems.append(f"model.position.kind is {m.position.kind!r}, not 'rope'")
-    return problems
+    return plain_problems(recipe.model, position="rope", norm="rmsnorm", norm_position="pre", embed_norm=False,
+                          ffn="swiglu")
 
 
 def from_tfx(recipe, model, tokenizer, run_dir=None) -> tuple[dict, dict]:

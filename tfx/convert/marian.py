@@ -145,20 +145,18 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Impo
 
 def export_problems(recipe) -> list[str]:
     m = recipe.model
-    problems = plain_problems(m, norm="layernorm", norm_position="post", bias=True, embed_norm=False,
-                              tie_embeddings=True)
+    problems = plain_problems(m, position="sinusoidal", full_heads=True, norm="layernorm", norm_position="post",
+                              bias=True, embed_norm=False, tie_embeddings=True)
     if recipe.src_tokenizer is not None:
         problems.append("a separate source vocabulary (src_tokenizer): Marian here has one joint vocabulary")
     p = m.position
-    if p.kind != "sinusoidal" or getattr(p, "layout", None) != "halves" or getattr(p, "base", None) != BASE:
+    if p.kind == "sinusoidal" and (p.layout != "halves" or p.base != BASE):
         problems.append("model.position is not sinusoidal with layout 'halves' and base 10000")
     if m.ffn not in EXPORT_ACTIVATION:
         problems.append(f"model.ffn is {m.ffn!r} (Marian's feed-forward has one activation: "
                         f"{', '.join(EXPORT_ACTIVATION)})")
     if m.norm_eps != EPS:
         problems.append(f"model.norm_eps is {m.norm_eps}, not {EPS} (Marian's LayerNorms have no other)")
-    if (m.n_kv_heads or m.n_heads) != m.n_heads or (m.d_head or m.d_model // m.n_heads) * m.n_heads != m.d_model:
-        problems.append("grouped key/value heads or d_head x n_heads != d_model")
     if m.d_model % 2:
         problems.append(f"an odd d_model ({m.d_model}): Marian's table has one more sine than tfx's")
     return problems
