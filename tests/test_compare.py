@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import TINY, run_tfx, sets
+from conftest import TINY, run_tfx, sets, tfx_in_process
 
 from tfx.compare import parse_variants, parse_vary, toml_value, variants
 from tfx.errors import UsageError
@@ -50,14 +50,14 @@ def test_cli_compares_resumes_and_reports(tmp_path, small_text):
     report = json.loads(proc.stdout)
     assert [v["name"] for v in report["variants"]] == ["rope", "alibi"]
     for v in report["variants"]:
-        ev = json.loads(run_tfx("eval", str(out / v["name"]), "--split", "valid", "--json").stdout)
+        ev = json.loads(tfx_in_process("eval", str(out / v["name"]), "--split", "valid", "--json").stdout)
         assert v["metric"] == "perplexity" and v["value"] == pytest.approx(ev["perplexity"], rel=1e-6)
         assert v["steps"] == 10 and v["parameters"] > 0 and v["peak_mib"] > 50 and v["tokens_per_s"] > 0
         recipe = (out / v["name"] / "recipe.toml").read_text()
         assert f'kind = "{v["name"]}"' in recipe and "steps = 10" in recipe
     assert report["best"] == min(report["variants"], key=lambda v: v["value"])["name"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_tfx(*args)  # nothing trains again: the table comes from the cache
+    again = tfx_in_process(*args)  # nothing trains again: the table comes from the cache
     assert again.returncode == 0 and "measured already" in again.stderr and "training" not in again.stderr
     assert "rope" in again.stdout and "alibi" in again.stdout and "perplexity" in again.stdout
 
@@ -69,7 +69,7 @@ def test_cli_refusals(tmp_path):
                       (["--vary", "model.position.kind=rope,rope", "--steps", "5"], "the same name"),
                       (["--vary", "model.position.kind=rope", "--variant", "rope:", "--steps", "5"], "named alike"),
                       (["--steps", "5"], "nothing to compare")]:
-        proc = run_tfx("compare", LM, *bad, "--out", str(tmp_path / "x"))
+        proc = tfx_in_process("compare", LM, *bad, "--out", str(tmp_path / "x"))
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
 
 

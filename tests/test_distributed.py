@@ -43,23 +43,6 @@ def assert_same_losses(one: Path, two: Path, steps: int) -> None:
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_lm_two_processes_equal_one_on_the_global_batch(small_text, tmp_path, parallel):
-    args = sets(*TINY, *STEPS, "model.n_layers=1", f"data.train={small_text}", f"data.valid={small_text}",
-                'data.corpus=""', f"train.parallel={parallel}")
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_tfx("train", str(LM), *args, "--out", str(one), check=True)
-    proc = torchrun("train", str(LM), *args, "--out", str(two), log_dir=tmp_path / "logs")
-    assert proc.returncode == 0, proc.stderr
-    assert_same_losses(one, two, 12)
-    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
-    assert set(logs) == {"0", "1"}
-    assert logs["1"] == ""  # rank 1 is quiet on success
-    assert "step 12/12" in logs["0"] and logs["0"].count("| valid ") == 2  # validated once per eval
-    assert (two / "state/ckpt-00000012/dcp").is_dir() == (parallel == "fsdp")  # sharded checkpoints
-
-
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_seq2seq_two_processes_equal_one_and_nproc_launches_torchrun(tmp_path, parallel):
     """`tfx train --nproc 2` (torchrun for the user); pairs of different lengths, so padding and
     the global token count matter."""
@@ -181,20 +164,28 @@ def test_the_synced_gradient_is_the_one_process_gradient(tmp_path):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_resume_at_another_world_size_continues_the_loss_sequence(small_text, tmp_path, parallel):
-    """A run saved by 2 processes resumes on 1, and one saved by 1 resumes on 2: the data position is
-    global and the batch is global, so the losses continue those of an uninterrupted run (dropout 0;
-    a constant schedule, since the first leg is told fewer steps and cosine depends on their number)."""
-    args = sets(*TINY, "model.n_layers=1", "model.dropout=0", "train.save_every=3", "train.eval_every=0",
-                'train.schedule={kind = "constant", warmup = 2}', f"data.train={small_text}", 'data.corpus=""',
-                f"train.parallel={parallel}")
+def test_two_processes_equal_one_and_resume_at_the_other_world_size(small_text, tmp_path, parallel):
+    """2 processes under torchrun train the LM as 1 process does on the same global batch (the same
+    losses, one validation per eval, the same run files, rank 1 quiet); a run saved by 2 processes
+    resumes on 1, and one saved by 1 resumes on 2, continuing the losses of an uninterrupted run: the
+    data position and the batch are global (dropout 0; a constant schedule, since the first leg is
+    told fewer steps and cosine depends on their number)."""
+    args = sets(*TINY, "model.n_layers=1", "model.dropout=0", "train.save_every=3", "train.eval_every=4",
+                'train.schedule={kind = "constant", warmup = 2}', f"data.train={small_text}",
+                f"data.valid={small_text}", 'data.corpus=""', f"train.parallel={parallel}")
     whole, two_then_one, one_then_two = tmp_path / "whole", tmp_path / "2to1", tmp_path / "1to2"
     run_tfx("train", str(LM), *args, "--set", "train.steps=8", "--out", str(whole), check=True)
     first = torchrun("train", str(LM), *args, "--set", "train.steps=4", "--out", str(two_then_one),
-                     log_dir=tmp_path / "logs-a")
+                     log_dir=tmp_path / "logs")
     assert first.returncode == 0, first.stderr
-    run_tfx("train", "--resume", str(two_then_one), "--set", "train.steps=8", check=True)
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
+    assert set(logs) == {"0", "1"}
+    assert logs["1"] == ""  # rank 1 is quiet on success
+    assert "step 4/4" in logs["0"] and logs["0"].count("| valid ") == 1  # validated once per eval
+    assert (two_then_one / "state/ckpt-00000004/dcp").is_dir() == (parallel == "fsdp")  # sharded checkpoints
     run_tfx("train", str(LM), *args, "--set", "train.steps=4", "--out", str(one_then_two), check=True)
+    assert sorted(p.name for p in two_then_one.iterdir()) == sorted(p.name for p in one_then_two.iterdir())
+    run_tfx("train", "--resume", str(two_then_one), "--set", "train.steps=8", check=True)
     second = torchrun("train", "--resume", str(one_then_two), "--set", "train.steps=8", log_dir=tmp_path / "logs-b")
     assert second.returncode == 0, second.stderr
     assert_same_losses(whole, two_then_one, 8)
