@@ -1,51 +1,48 @@
 #!/usr/bin/env python
-"""MEGABYTE against the byte LM and the character LM on the Shakespeare plays, at the same training
-time: validation bits per byte (comparable across tokenizers: nats summed over the text / its UTF-8
-bytes / ln 2) and the median training tokens/s (a token is a byte, or a character).
+"""MEGABYTE against the byte LM and the character LM on the Shakespeare plays, for the same training
+time: bits per byte on valid and test (comparable across tokenizers: nats summed over the text / its
+UTF-8 bytes / ln 2) and the median training tokens/s (a token is a byte, or a character).
 
-    python scripts/compare_megabyte.py [--minutes 5] [--out runs/megabyte]
+    python scripts/compare_megabyte.py [--minutes 8] [--out runs/compare/megabyte] \\
+        [--megabyte NAME:KEY=VALUE,...]
 
-char and byte are recipes/lm/shakespeare-char.toml (the byte LM with tokenizer.kind = "byte");
-megabyte is recipes/lm/shakespeare-megabyte.toml. Each run trains alone for --minutes (train.steps
-high enough that the clock stops it), one after the other. Runs already in --out are reused.
+Two `tfx compare --minutes` calls, one run after the other: recipes/lm/shakespeare-char.toml as `char`
+and, with tokenizer.kind = "byte", as `byte`; recipes/lm/shakespeare-megabyte.toml as `megabyte`
+(plus each --megabyte variant of it). Each run's train.steps is sized by a probe so that its cosine
+schedule ends with the time (tfx compare). Runs already in --out are reused (tfx compare's cache).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-from tfxrun import REPO, metrics, sets, tfx
+from tfxrun import REPO, tfx
 
-RUNS = {
-    "char": ("recipes/lm/shakespeare-char.toml", {}),
-    "byte": ("recipes/lm/shakespeare-char.toml", {"tokenizer.kind": '"byte"'}),
-    "megabyte": ("recipes/lm/shakespeare-megabyte.toml", {}),
-}
+
+def compared(recipe: str, variants: list[str], minutes: float, out: str) -> dict:
+    named = [a for v in variants for a in ("--variant", v)]
+    report = json.loads(tfx("compare", str(REPO / recipe), *named, "--minutes", str(minutes), "--out", out,
+                            "--plot", "", "--json", progress=True))
+    return {v["name"]: v for v in report["variants"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--out", default=str(REPO / "runs/megabyte"))
-    ap.add_argument("--eval-tokens", type=int, default=100_000, help="valid tokens scored")
+    ap.add_argument("--minutes", type=float, default=8.0, help="training time per model")
+    ap.add_argument("--out", default=str(REPO / "runs/compare/megabyte"))
+    ap.add_argument("--megabyte", action="append", default=[], help="another MEGABYTE variant, NAME:KEY=VALUE,...")
     args = ap.parse_args()
-    rows = []
-    for name, (recipe, overrides) in RUNS.items():
-        run = Path(args.out) / name
-        if not (run / "model.safetensors").is_file():
-            print(f"training {name} for {args.minutes} minutes ...", file=sys.stderr, flush=True)
-            tfx("train", str(REPO / recipe), *sets({**overrides, "train.steps": 100_000,
-                                                    "train.max_minutes": args.minutes}), "--out", str(run))
-        train, _ = metrics(run)
-        speeds = sorted(r["tokens_per_s"] for r in train if "tokens_per_s" in r)
-        ev = json.loads(tfx("eval", str(run), "--split", "valid", "--checkpoint", "last", "--max-tokens",
-                            str(args.eval_tokens), "--json"))
-        rows.append((name, train[-1]["step"], ev["bits_per_byte"], speeds[len(speeds) // 2] if speeds else 0.0))
-    print(f"{'model':<10}{'steps':>8}{'valid bpb':>12}{'tokens/s':>12}")
-    for name, steps, bpb, speed in rows:
-        print(f"{name:<10}{steps:>8}{bpb:>12.4f}{speed:>12,.0f}")
+    tfx("data", "get", "shakespeare")
+    rows = {**compared("recipes/lm/shakespeare-char.toml", ["char:", "byte:tokenizer.kind=byte"], args.minutes,
+                       f"{args.out}/lm"),
+            **compared("recipes/lm/shakespeare-megabyte.toml", ["megabyte:", *args.megabyte], args.minutes,
+                       f"{args.out}/megabyte")}
+    print(f"{'model':<14}{'steps':>8}{'valid bpb':>12}{'test bpb':>12}{'tokens/s':>12}{'parameters':>12}")
+    for name, v in rows.items():
+        run = f"{args.out}/{'megabyte' if name not in ('char', 'byte') else 'lm'}/{name}"
+        test = json.loads(tfx("eval", run, "--split", "test", "--json"))["bits_per_byte"]
+        print(f"{name:<14}{v['steps']:>8}{v['eval']['bits_per_byte']:>12.4f}{test:>12.4f}"
+              f"{v['tokens_per_s'] or 0:>12,.0f}{v['parameters']:>12,}")
 
 
 if __name__ == "__main__":
