@@ -14,7 +14,6 @@ embeddings and cls.predictions.bias.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ import torch
 
 from tfx.convert import Imported
 from tfx.convert.common import need, plain_problems, refuse_unless, take
+from tfx.data.tokenizer_hf import named_token_id
 from tfx.errors import UsageError
 
 NAME = "bert"
@@ -53,31 +53,10 @@ def choose_family(c: dict, family: str | None) -> str:
 
 
 def mask_token_id(config: dict, hf_dir: str | Path | None) -> int | None:
-    """BERT's [MASK] id: the mask_token of the directory's tokenizer_config.json or
-    special_tokens_map.json, looked up in its tokenizer.json; else config.json's mask_token_id."""
-    if hf_dir is not None:
-        d = Path(hf_dir)
-        names = []
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            try:
-                data = json.loads((d / name).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            token = data.get("mask_token") if isinstance(data, dict) else None
-            token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and token:
-                names.append(token)
-        if names and (d / "tokenizer.json").is_file():
-            try:
-                import tokenizers
-
-                lookup = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")).token_to_id
-            except Exception:  # no package, or a malformed file: config.json's id, if any
-                lookup = None
-            for token in names if lookup is not None else ():
-                if (i := lookup(token)) is not None:
-                    return i
-    i = config.get("mask_token_id")
+    """BERT's [MASK] id: the mask_token of the directory's tokenizer files, looked up in its
+    tokenizer.json (tokenizer_hf.named_token_id); else config.json's mask_token_id."""
+    found = named_token_id(hf_dir, "mask_token") if hf_dir is not None else None
+    i = config.get("mask_token_id") if found is None else found
     return i if type(i) is int and i >= 0 else None
 
 

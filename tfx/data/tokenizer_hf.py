@@ -75,6 +75,28 @@ def _token_id(key: str, maps: list[dict[str, Any]], lookup: Any) -> int | None:
     return None
 
 
+def _hf_dir_files(d: Path, tokenizer_file: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """A model directory's (tokenizer_config.json and special_tokens_map.json, config.json, the
+    token_to_id of `tokenizer_file` (default: its tokenizer.json) or None where it cannot be read)."""
+    tok_file = Path(tokenizer_file) if tokenizer_file is not None else d / "tokenizer.json"
+    maps = [_read_json(d / "tokenizer_config.json"), _read_json(d / "special_tokens_map.json")]
+    lookup = None
+    if tok_file.is_file():
+        try:
+            lookup = _backend().Tokenizer.from_file(str(tok_file)).token_to_id
+        except Exception:  # no package, or a malformed file: the ids of config.json only
+            lookup = None
+    return maps, _read_json(d / "config.json"), lookup
+
+
+def named_token_id(hf_dir: str | Path, key: str) -> int | None:
+    """The id of the token a model directory's tokenizer files name under `key` (e.g. "mask_token"),
+    looked up in its tokenizer.json; else config.json's ``<key>_id``; else None."""
+    maps, config, lookup = _hf_dir_files(Path(hf_dir))
+    found = _token_id(key, maps, lookup)
+    return found if found is not None else _first_id(config.get(f"{key}_id"))
+
+
 @TOKENIZER.register("hf", config=HFTokenizerConfig)
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer; ``encode`` adds no special tokens (nor truncates or pads),
@@ -149,16 +171,7 @@ class HFTokenizer(Tokenizer):
         [CLS], eos is [SEP]), is looked up in `tokenizer_file` (default: the directory's tokenizer.json);
         else config.json's ``<role>_token_id`` is taken. An encoder-decoder model's decoder_start_token_id
         is bos, as tfx's seq2seq starts the target with bos. Missing or unreadable files are skipped."""
-        d = Path(hf_dir)
-        tok_file = Path(tokenizer_file) if tokenizer_file is not None else d / "tokenizer.json"
-        maps = [_read_json(d / "tokenizer_config.json"), _read_json(d / "special_tokens_map.json")]
-        config = _read_json(d / "config.json")
-        lookup = None
-        if tok_file.is_file():
-            try:
-                lookup = _backend().Tokenizer.from_file(str(tok_file)).token_to_id
-            except Exception:  # a malformed file: the ids of config.json only
-                lookup = None
+        maps, config, lookup = _hf_dir_files(Path(hf_dir), tokenizer_file)
         out: dict[str, int | None] = {}
         for role in ROLES:
             key, *aliases = TOKEN_KEYS[role]
