@@ -19,11 +19,11 @@ import json
 from tfxrun import REPO, tfx
 
 
-def compared(recipe: str, variants: list[str], minutes: float, out: str) -> dict:
+def compared(recipe: str, variants: list[str], minutes: float, out: str) -> dict[str, tuple[str, dict]]:
     named = [a for v in variants for a in ("--variant", v)]
     report = json.loads(tfx("compare", str(REPO / recipe), *named, "--minutes", str(minutes), "--out", out,
                             "--plot", "", "--json", progress=True))
-    return {v["name"]: v for v in report["variants"]}
+    return {v["name"]: (f"{out}/{v['name']}", v) for v in report["variants"]}  # name -> (its run, its result)
 
 
 def main() -> None:
@@ -38,8 +38,7 @@ def main() -> None:
             **compared("recipes/lm/shakespeare-megabyte.toml", ["megabyte:", *args.megabyte], args.minutes,
                        f"{args.out}/megabyte")}
     print(f"{'model':<14}{'steps':>8}{'valid bpb':>12}{'test bpb':>12}{'tokens/s':>12}{'parameters':>12}")
-    for name, v in rows.items():
-        run = f"{args.out}/{'megabyte' if name not in ('char', 'byte') else 'lm'}/{name}"
+    for name, (run, v) in rows.items():
         test = json.loads(tfx("eval", run, "--split", "test", "--json"))["bits_per_byte"]
         print(f"{name:<14}{v['steps']:>8}{v['eval']['bits_per_byte']:>12.4f}{test:>12.4f}"
               f"{v['tokens_per_s'] or 0:>12,.0f}{v['parameters']:>12,}")

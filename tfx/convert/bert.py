@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from tfx.convert import Imported
-from tfx.convert.common import need, plain_problems, refuse_unless, take
+from tfx.convert.common import give_pairs, need, plain_problems, refuse_unless, take, take_pairs
 from tfx.data.tokenizer_hf import named_token_id
 from tfx.errors import UsageError
 
@@ -55,8 +55,9 @@ def choose_family(c: dict, family: str | None) -> str:
 def mask_token_id(config: dict, hf_dir: str | Path | None) -> int | None:
     """BERT's [MASK] id: the mask_token of the directory's tokenizer files, looked up in its
     tokenizer.json (tokenizer_hf.named_token_id); else config.json's mask_token_id."""
-    found = named_token_id(hf_dir, "mask_token") if hf_dir is not None else None
-    i = config.get("mask_token_id") if found is None else found
+    if hf_dir is not None:  # named_token_id falls back on the directory's config.json itself
+        return named_token_id(hf_dir, "mask_token")
+    i = config.get("mask_token_id")
     return i if type(i) is int and i >= 0 else None
 
 
@@ -99,11 +100,6 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir: str | Path |
     def get(name: str) -> torch.Tensor:
         return take(tensors, used, prefix + name)
 
-    def pair(ours: str, theirs: str, base: bool = True) -> dict:
-        """{ours.weight, ours.bias} from theirs.weight and theirs.bias (in the base model, or a head)."""
-        name = (prefix if base else "") + theirs
-        return {f"{ours}.{p}": take(tensors, used, f"{name}.{p}") for p in ("weight", "bias")}
-
     marker = HEADS[family].marker
     refuse_unless(marker in tensors, NAME,
                   f"--family {family} with no {marker} in the weights (a model without the "
@@ -116,14 +112,14 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir: str | Path |
     types = get("embeddings.token_type_embeddings.weight")
     state = {"encoder.embed.weight": with_mask_row(word, mask_id),
              "encoder.pos.table.weight": get("embeddings.position_embeddings.weight") + types[0],  # type ids all 0
-             **pair("encoder.embed_norm", "embeddings.LayerNorm")}
+             **take_pairs(tensors, used, [("encoder.embed_norm", prefix + "embeddings.LayerNorm")])}
     for i in range(n_layers):
         layer = f"encoder.layer.{i}"
         for p in ("weight", "bias"):
             state[f"encoder.blocks.{i}.attn.qkv.{p}"] = torch.cat(
                 [get(f"{layer}.attention.self.{x}.{p}") for x in QKV], dim=0)
-        for ours, theirs in BLOCK:
-            state.update(pair(f"encoder.blocks.{i}.{ours}", f"{layer}.{theirs}"))
+        state.update(take_pairs(tensors, used, [(f"encoder.blocks.{i}.{ours}", f"{prefix}{layer}.{theirs}")
+                                                for ours, theirs in BLOCK]))
     model = {"d_model": d, "n_layers": n_layers, "n_heads": need(c, "num_attention_heads", arch=NAME),
              "d_ff": need(c, "intermediate_size", arch=NAME), "context": need(c, "max_position_embeddings", arch=NAME),
              "norm": "layernorm", "norm_eps": c.get("layer_norm_eps", 1e-12), "norm_position": "post",
@@ -141,8 +137,7 @@ def read_mlm_head(c: dict, tensors: dict, used: set, state: dict, model: dict, *
     pooler and next-sentence head are left (a masked LM has no use for them; transformers drops them too)."""
     refuse_unless(ACTIVATIONS[act] == "gelu", NAME,
                   f"hidden_act {act!r} in the masked-LM head (tfx's head transform is exact GELU)")
-    for ours, theirs in MLM_HEAD:
-        state.update({f"{ours}.{p}": take(tensors, used, f"{theirs}.{p}") for p in ("weight", "bias")})
+    state.update(take_pairs(tensors, used, MLM_HEAD))
     bias = take(tensors, used, "cls.predictions.bias")
     for name, ref in (("cls.predictions.decoder.weight", word), ("cls.predictions.decoder.bias", bias)):
         if name in tensors:  # an older save of the tied matrix and bias
@@ -159,8 +154,7 @@ def read_classifier_head(c: dict, tensors: dict, used: set, state: dict, model: 
     problem = c.get("problem_type")
     refuse_unless(problem in (None, "single_label_classification"), NAME, f"problem_type {problem!r}")
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
-    for ours, theirs in (("pooler", prefix + "pooler.dense"), ("head", "classifier")):
-        state.update({f"{ours}.{p}": take(tensors, used, f"{theirs}.{p}") for p in ("weight", "bias")})
+    state.update(take_pairs(tensors, used, [("pooler", prefix + "pooler.dense"), ("head", "classifier")]))
     n = state["head.weight"].shape[0]
     refuse_unless(n > 1, NAME, "one label (num_labels 1 is a regression head)")
     model.update(pool="pooler")
@@ -217,8 +211,7 @@ def from_tfx(recipe, model, tokenizer, run_dir: str | Path | None = None) -> tup
         for part in ("weight", "bias"):
             for x, t in zip(QKV, sd[f"encoder.blocks.{i}.attn.qkv.{part}"].chunk(3, dim=0)):
                 tensors[f"{layer}.attention.self.{x}.{part}"] = t
-            for ours, theirs in BLOCK:
-                tensors[f"{layer}.{theirs}.{part}"] = sd[f"encoder.blocks.{i}.{ours}.{part}"]
+        tensors.update(give_pairs(sd, [(f"encoder.blocks.{i}.{ours}", f"{layer}.{theirs}") for ours, theirs in BLOCK]))
     head = HEADS[recipe.family]
     config = {"model_type": "bert", "architectures": [FAMILIES[recipe.family]],
               "vocab_size": embed.shape[0], "hidden_size": d, "num_hidden_layers": m.n_layers,
@@ -233,16 +226,12 @@ def from_tfx(recipe, model, tokenizer, run_dir: str | Path | None = None) -> tup
 
 
 def write_mlm_head(sd: dict, tensors: dict, config: dict, model, run_dir) -> None:
-    for ours, theirs in MLM_HEAD:
-        for part in ("weight", "bias"):
-            tensors[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
+    tensors.update(give_pairs(sd, MLM_HEAD))
     tensors["cls.predictions.bias"] = sd["head.bias"][:-1]  # without tfx's [MASK] entry
 
 
 def write_classifier_head(sd: dict, tensors: dict, config: dict, model, run_dir) -> None:
-    for ours, theirs in (("pooler", "bert.pooler.dense"), ("head", "classifier")):
-        for part in ("weight", "bias"):
-            tensors[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
+    tensors.update(give_pairs(sd, [("pooler", "bert.pooler.dense"), ("head", "classifier")]))
     labels = export_labels(model, run_dir)
     config.update(id2label={str(i): name for i, name in enumerate(labels)},
                   label2id={name: i for i, name in enumerate(labels)},

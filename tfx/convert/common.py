@@ -55,3 +55,13 @@ def take(tensors: dict[str, torch.Tensor], used: set[str], name: str) -> torch.T
         raise UsageError(f"the weights have no {name}")
     used.add(name)
     return tensors[name]
+
+
+def take_pairs(tensors: dict[str, torch.Tensor], used: set[str], names) -> dict[str, torch.Tensor]:
+    """{ours.weight, ours.bias: theirs.weight, theirs.bias} for each (ours, theirs) in `names`, taken."""
+    return {f"{ours}.{p}": take(tensors, used, f"{theirs}.{p}") for ours, theirs in names for p in ("weight", "bias")}
+
+
+def give_pairs(sd: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """The other way: {theirs.weight, theirs.bias: sd's ours.weight, ours.bias} for each (ours, theirs)."""
+    return {f"{theirs}.{p}": sd[f"{ours}.{p}"] for ours, theirs in names for p in ("weight", "bias")}

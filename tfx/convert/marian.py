@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from tfx.convert import Imported
-from tfx.convert.common import need, plain_problems, refuse_unless, take
+from tfx.convert.common import give_pairs, need, plain_problems, refuse_unless, take, take_pairs
 
 NAME = "marian"
 MODEL_TYPES = ("marian",)
@@ -126,9 +126,7 @@ def to_tfx(config: dict, tensors: dict, family: str | None, hf_dir=None) -> Impo
     for side, n_layers, pairs in (("encoder", n_enc, ENCODER), ("decoder", n_dec, DECODER)):
         for i in range(n_layers):
             ours, theirs = f"{side}.blocks.{i}.", f"{side}.layers.{i}."
-            for t, h in pairs:
-                for p in ("weight", "bias"):
-                    state[f"{ours}{t}.{p}"] = get(f"{theirs}{h}.{p}")
+            state.update(take_pairs(tensors, used, [(ours + t, prefix + theirs + h) for t, h in pairs]))
             for t, h, parts in FUSED[side]:
                 for p in ("weight", "bias"):
                     state[f"{ours}{t}.{p}"] = torch.cat([get(f"{theirs}{h}.{x}_proj.{p}") for x in parts])
@@ -172,9 +170,7 @@ def from_tfx(recipe, model, tokenizer, run_dir=None) -> tuple[dict, dict]:
     for side, pairs in (("encoder", ENCODER), ("decoder", DECODER)):
         for i in range(layers[side]):
             ours, theirs = f"{side}.blocks.{i}.", f"model.{side}.layers.{i}."
-            for t, h in pairs:
-                for p in ("weight", "bias"):
-                    tensors[f"{theirs}{h}.{p}"] = sd[f"{ours}{t}.{p}"]
+            tensors.update(give_pairs(sd, [(ours + t, theirs + h) for t, h in pairs]))
             for t, h, parts in FUSED[side]:
                 for p in ("weight", "bias"):
                     for x, part in zip(parts, sd[f"{ours}{t}.{p}"].split(d)):
